@@ -1,0 +1,343 @@
+"""DN2 mathematics: blocked exact kNN, scores, cleaning, set pooling and thresholds.
+
+Everything here is a pure function of arrays; it knows nothing about models, files or datasets.
+Distances are *squared* Euclidean, in the units of the features squared, computed in float32 as
+``||q||^2 - 2 q.b + ||b||^2`` with the matmul at full float32 precision and tiny negatives clamped to 0.
+
+Memory: the bank is scanned in blocks of ``block_size`` rows and the queries in blocks of ``query_block``
+rows; a running top-k is merged block by block, so the working set is ``query_block x block_size`` floats
+whatever the bank size N (an ``M x N`` distance matrix is never materialised).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dn2_jax.errors import DN2Error
+
+Array = jax.Array
+
+#: Default bank rows per block and query rows per block. 10k x 4k float32 distances = 160 MB worst case;
+#: the defaults keep the tile (and the two operand tiles, 2048-d) within a few tens of MB.
+BLOCK_SIZE = 4096
+QUERY_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation at the public boundary. Shape checks always run (shapes are static under jit); the NaN/Inf
+# check runs whenever the values are concrete (i.e. not inside someone else's jit trace).
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _as_features(x, name: str, rank: int = 2) -> Array:
+    if not hasattr(x, "shape"):
+        x = np.asarray(x)
+    if x.ndim != rank:
+        shape_doc = "(N, D)" if rank == 2 else "(G, M, D)"
+        raise DN2Error(f"{name} must have rank {rank} {shape_doc}, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise DN2Error(f"{name} is empty (shape {tuple(x.shape)})")
+    if x.shape[-1] == 0:
+        raise DN2Error(f"{name} has feature dimension 0")
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise DN2Error(f"{name} must be a real numeric array, got dtype {x.dtype}")
+    if not _is_traced(x) and jnp.issubdtype(x.dtype, jnp.floating):
+        finite = np.isfinite(np.asarray(x, dtype=np.float32)).all()
+        if not finite:
+            raise DN2Error(f"{name} contains NaN or Inf")
+    return x
+
+
+def _check_k(k, n: int, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise DN2Error(f"k must be an integer, got {k!r}")
+    if k < 1:
+        raise DN2Error(f"k must be >= 1, got {k}")
+    if k > n:
+        raise DN2Error(f"k={k} is larger than {what} ({n})")
+    return int(k)
+
+
+def _check_fraction(value, name: str) -> float:
+    if not 0.0 < float(value) < 1.0:
+        raise DN2Error(f"{name} must be in the open interval (0, 1), got {value}")
+    return float(value)
+
+
+def _check_same_dim(queries: Array, bank: Array) -> None:
+    if queries.shape[-1] != bank.shape[-1]:
+        raise DN2Error(
+            f"queries and bank differ in feature dimension: {queries.shape[-1]} vs {bank.shape[-1]}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The kernel.
+
+
+def _merge_topk(dists: Array, idx: Array, new_d: Array, new_i: Array, k: int) -> tuple[Array, Array]:
+    """Merges two candidate lists (rows ascending or not) into the k smallest, lower index first on ties."""
+    d = jnp.concatenate([dists, new_d], axis=1)
+    i = jnp.concatenate([idx, new_i], axis=1)
+    neg, pos = lax.top_k(-d, k)
+    return -neg, jnp.take_along_axis(i, pos, axis=1)
+
+
+def _block_starts(total: int, block: int) -> np.ndarray:
+    """Start rows of ``ceil(total / block)`` blocks; the last one is shifted back so it stays in bounds."""
+    starts = np.arange(0, total, block)
+    return np.minimum(starts, total - block).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_size", "query_block"))
+def _knn_blocked(queries, bank, bank_sq, exclude, *, k: int, block_size: int, query_block: int):
+    n, m = bank.shape[0], queries.shape[0]
+    b = min(block_size, n)
+    qb = min(query_block, m)
+    bank_starts = jnp.asarray(_block_starts(n, b))
+    query_starts = jnp.asarray(_block_starts(m, qb))
+    block_k = min(k, b)
+
+    def one_query_block(q_start):
+        q = lax.dynamic_slice_in_dim(queries, q_start, qb).astype(jnp.float32)
+        q_sq = jnp.sum(q * q, axis=1, keepdims=True)
+        q_excl = lax.dynamic_slice_in_dim(exclude, q_start, qb)[:, None]
+
+        def scan_bank(carry, xs):
+            best_d, best_i = carry
+            start, first_new = xs
+            blk = lax.dynamic_slice_in_dim(bank, start, b).astype(jnp.float32)
+            blk_sq = lax.dynamic_slice_in_dim(bank_sq, start, b)
+            cross = jnp.dot(q, blk.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            d = jnp.maximum(q_sq - 2.0 * cross + blk_sq[None, :], 0.0)
+            col = start + jnp.arange(b, dtype=jnp.int32)[None, :]
+            # Rows of a shifted last block that an earlier block already covered, and excluded points.
+            invalid = (col < first_new) | (col == q_excl)
+            d = jnp.where(invalid, jnp.inf, d)
+            neg, pos = lax.top_k(-d, block_k)
+            cand_i = jnp.take_along_axis(jnp.broadcast_to(col, d.shape), pos, axis=1)
+            return _merge_topk(best_d, best_i, -neg, cand_i, k), None
+
+        init = (jnp.full((qb, k), jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
+        first_new = jnp.arange(bank_starts.shape[0], dtype=jnp.int32) * b
+        (best_d, best_i), _ = lax.scan(scan_bank, init, (bank_starts, first_new))
+        return best_d, best_i
+
+    def scan_queries(carry, q_start):
+        out_d, out_i = carry
+        d, i = one_query_block(q_start)
+        out_d = lax.dynamic_update_slice_in_dim(out_d, d, q_start, axis=0)
+        out_i = lax.dynamic_update_slice_in_dim(out_i, i, q_start, axis=0)
+        return (out_d, out_i), None
+
+    init = (jnp.zeros((m, k), jnp.float32), jnp.zeros((m, k), jnp.int32))
+    (out_d, out_i), _ = lax.scan(scan_queries, init, query_starts)
+    return out_d, out_i
+
+
+def squared_norms(bank: Array) -> Array:
+    """(N, D) -> (N,) float32 squared L2 norms, computed once per bank and reusable across calls."""
+    x = jnp.asarray(bank).astype(jnp.float32)
+    return jnp.sum(x * x, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def knn(
+    queries: Array,
+    bank: Array,
+    k: int,
+    *,
+    block_size: int = BLOCK_SIZE,
+    query_block: int = QUERY_BLOCK,
+    bank_sq_norms: Array | None = None,
+    exclude: Array | None = None,
+) -> tuple[Array, Array]:
+    """Exact k nearest neighbours under squared Euclidean distance, blocked over bank and queries.
+
+    Args:
+      queries: (M, D) float32/bfloat16 query features.
+      bank: (N, D) float32/bfloat16 bank features.
+      k: number of neighbours, 1 <= k <= N (static under jit).
+      block_size: bank rows per block; working memory is O(query_block * block_size), not O(M * N).
+      query_block: query rows per block.
+      bank_sq_norms: optional precomputed ``squared_norms(bank)`` (N,), to reuse across calls.
+      exclude: optional (M,) int bank index that query i must not take as a neighbour (-1 = none); this is
+        how leave-one-out scoring excludes a point by index, not by distance.
+
+    Returns:
+      (sq_dists, indices), both (M, k), ascending by distance; sq_dists float32 (squared feature units),
+      indices int32 into the bank. Ties keep the lower bank index first.
+    """
+    queries = _as_features(queries, "queries")
+    bank = _as_features(bank, "bank")
+    _check_same_dim(queries, bank)
+    k = _check_k(k, bank.shape[0], "the bank size N")
+    for name, value in (("block_size", block_size), ("query_block", query_block)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise DN2Error(f"{name} must be a positive integer, got {value!r}")
+    if bank_sq_norms is None:
+        bank_sq_norms = squared_norms(bank)
+    elif tuple(bank_sq_norms.shape) != (bank.shape[0],):
+        raise DN2Error(f"bank_sq_norms must have shape ({bank.shape[0]},), got {tuple(bank_sq_norms.shape)}")
+    if exclude is None:
+        exclude = jnp.full((queries.shape[0],), -1, jnp.int32)
+    elif tuple(exclude.shape) != (queries.shape[0],):
+        raise DN2Error(f"exclude must have shape ({queries.shape[0]},), got {tuple(exclude.shape)}")
+    return _knn_blocked(
+        queries,
+        bank,
+        jnp.asarray(bank_sq_norms, jnp.float32),
+        jnp.asarray(exclude, jnp.int32),
+        k=k,
+        block_size=max(int(block_size), k),
+        query_block=int(query_block),
+    )
+
+
+def knn_chunks(
+    queries: Array, chunks: Iterable[tuple[int, Array]], k: int, **knn_kwargs
+) -> tuple[Array, Array]:
+    """Exact kNN against a bank streamed in chunks that need not fit in device memory together.
+
+    Args:
+      queries: (M, D) query features.
+      chunks: iterable of ``(start_row, chunk)`` with chunk (n_i, D); together they form the bank.
+      k: neighbours; must not exceed the total bank size.
+      **knn_kwargs: passed to :func:`knn` for each chunk (block sizes).
+
+    Returns:
+      (sq_dists, indices) (M, k) as :func:`knn`, indices into the whole streamed bank.
+    """
+    queries = _as_features(queries, "queries")
+    _check_k(k, np.iinfo(np.int32).max, "the bank size")
+    best = None
+    total = 0
+    for start, chunk in chunks:
+        chunk = jnp.asarray(chunk)
+        total += chunk.shape[0]
+        kc = min(k, chunk.shape[0])
+        d, i = knn(queries, chunk, kc, **knn_kwargs)
+        i = i + jnp.int32(start)
+        if kc < k:  # pad so every partial result has k columns
+            pad = ((0, 0), (0, k - kc))
+            d, i = jnp.pad(d, pad, constant_values=jnp.inf), jnp.pad(i, pad, constant_values=-1)
+        best = (d, i) if best is None else _merge_topk(*best, d, i, k)
+    if best is None:
+        raise DN2Error("bank is empty (no chunks)")
+    _check_k(k, total, "the bank size N")
+    return best
+
+
+def knn_score(queries: Array, bank: Array, k: int = 2, **knn_kwargs) -> Array:
+    """DN2 anomaly score (paper eq. 2): (M,) mean squared distance to the k nearest bank features.
+
+    Larger is more anomalous. Units: squared feature units.
+    """
+    sq_dists, _ = knn(queries, bank, k, **knn_kwargs)
+    return jnp.mean(sq_dists, axis=1)
+
+
+def self_knn_score(bank: Array, k: int = 2, **knn_kwargs) -> Array:
+    """(N,) leave-one-out DN2 score of every bank point against all *other* bank points.
+
+    The point itself is excluded by index, so exact duplicates still count as each other's neighbours
+    (their distance is 0). Requires 1 <= k <= N - 1.
+    """
+    bank = _as_features(bank, "bank")
+    k = _check_k(k, bank.shape[0] - 1, "the bank size minus one (leave-one-out)")
+    n = bank.shape[0]
+    sq_dists, _ = knn(bank, bank, k, exclude=jnp.arange(n, dtype=jnp.int32), **knn_kwargs)
+    return jnp.mean(sq_dists, axis=1)
+
+
+def clean(bank: Array, k: int = 2, fraction: float = 0.5, **knn_kwargs) -> Array:
+    """Unsupervised cleaning stage: drops the ``fraction`` of bank points with the largest self-kNN score.
+
+    Args:
+      bank: (N, D) features of a training set that may contain anomalies.
+      k: neighbours for the leave-one-out score.
+      fraction: share of points to drop, in (0, 1); ``floor(fraction * N)`` points are dropped.
+
+    Returns:
+      (N - floor(fraction * N),) int32 indices of the kept points, sorted ascending.
+    """
+    fraction = _check_fraction(fraction, "fraction")
+    scores = self_knn_score(bank, k, **knn_kwargs)
+    n = scores.shape[0]
+    n_keep = n - int(np.floor(fraction * n))
+    order = jnp.argsort(scores, stable=True)  # ties: lower index kept first
+    return jnp.sort(order[:n_keep]).astype(jnp.int32)
+
+
+def threshold(bank: Array, k: int = 2, fpr: float = 0.05, **knn_kwargs) -> Array:
+    """Decision threshold at a target false-positive rate, from leave-one-out training scores.
+
+    The threshold is the ``1 - fpr`` quantile (the next higher observed value) of :func:`self_knn_score`,
+    so at most a share ``fpr`` of the training points scores strictly above it. A query is anomalous when
+    ``knn_score(query, bank, k) > threshold``. Returns a float32 scalar in squared feature units.
+    """
+    fpr = _check_fraction(fpr, "fpr")
+    scores = self_knn_score(bank, k, **knn_kwargs)
+    return jnp.quantile(scores, 1.0 - fpr, method="higher")
+
+
+def pool_groups(features: Array, mask: Array | None = None) -> Array:
+    """Orderless mean pooling of sets (paper 3.3): (G, M, D) -> (G, D) float32.
+
+    Args:
+      features: (G, M, D) per-image features of G sets of up to M images.
+      mask: optional (G, M) bool, True where an image is present (ragged sets padded to M); every set
+        needs at least one image.
+    """
+    features = _as_features(features, "features", rank=3)
+    x = features.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(x, axis=1)
+    mask = jnp.asarray(mask)
+    if tuple(mask.shape) != tuple(features.shape[:2]):
+        raise DN2Error(f"mask must have shape {tuple(features.shape[:2])} (G, M), got {tuple(mask.shape)}")
+    counts = jnp.sum(mask, axis=1)
+    if not _is_traced(counts) and bool(jnp.any(counts == 0)):
+        raise DN2Error(f"mask leaves set(s) {np.flatnonzero(np.asarray(counts) == 0)[:5].tolist()} empty")
+    w = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(x * w, axis=1) / counts.astype(jnp.float32)[:, None]
+
+
+def pool_groups_by_id(features: Array, group_ids: Array, num_groups: int) -> Array:
+    """Mean pooling of ragged sets given as a flat list: (N, D) features + (N,) set ids -> (G, D) float32.
+
+    ``group_ids[i]`` in ``[0, num_groups)`` names the set of image i; every set needs at least one image.
+    """
+    features = _as_features(features, "features")
+    group_ids = jnp.asarray(group_ids)
+    if group_ids.ndim != 1 or group_ids.shape[0] != features.shape[0]:
+        raise DN2Error(
+            f"group_ids must have shape ({features.shape[0]},) to match features, "
+            f"got {tuple(group_ids.shape)}"
+        )
+    if not jnp.issubdtype(group_ids.dtype, jnp.integer):
+        raise DN2Error(f"group_ids must be integers, got dtype {group_ids.dtype}")
+    if not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise DN2Error(f"num_groups must be a positive integer, got {num_groups!r}")
+    counts = jax.ops.segment_sum(jnp.ones_like(group_ids, jnp.float32), group_ids, num_segments=num_groups)
+    if not _is_traced(group_ids):
+        ids = np.asarray(group_ids)
+        if ids.min() < 0 or ids.max() >= num_groups:
+            raise DN2Error(f"group_ids must lie in [0, {num_groups}), got range [{ids.min()}, {ids.max()}]")
+        empty = np.flatnonzero(np.asarray(counts) == 0)
+        if empty.size:
+            raise DN2Error(f"set(s) {empty[:5].tolist()} have no images")
+    sums = jax.ops.segment_sum(features.astype(jnp.float32), group_ids, num_segments=num_groups)
+    return sums / counts[:, None]
