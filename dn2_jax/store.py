@@ -1,0 +1,626 @@
+"""Embedding stores: `(N, D)` features saved with Orbax in atomically committed chunks.
+
+A store is a directory::
+
+  manifest.json    metadata, "complete" flag, sha256 of every chunk, optional threshold (replaced atomically)
+  index/           Orbax checkpoint {"labels": (N,) int64, "ids": (N,) int64}
+  chunks/000000/   Orbax checkpoint {"embeddings": (chunk_size, D)} float32 or bfloat16
+  chunks/000001/   ...
+
+Orbax writes every checkpoint into a temporary directory and renames it when it is complete, so a process
+killed at any moment loses at most the chunk in flight, and `extract_to_store` resumes from the committed
+chunks. Arrays are saved from host memory and restored as numpy, so a store written by a process with any
+number of devices opens in a process with any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from dn2_jax.errors import DN2Error, DN2FileError
+
+FORMAT = "dn2-embedding-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_NUMPY_DTYPES = {**DTYPES, "int64": np.dtype(np.int64)}
+# Keys the store adds to the metadata; callers may not set them.
+STORE_KEYS = (
+    "count",
+    "dim",
+    "dtype",
+    "chunk_size",
+    "dn2_jax_version",
+    "created",
+    "process_count",
+    "device_count",
+)
+# Keys that describe the writer rather than the data: ignored when a run resumes another's store.
+_WRITER_KEYS = ("dim", "dn2_jax_version", "created", "process_count", "device_count")
+REQUIRED_KEYS = ("backbone", "fingerprint", "preset", "dataset", "split")
+
+
+class IncompleteStoreError(DN2FileError):
+    """A store whose extraction was interrupted; running the same extraction again resumes it."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers: hashing, JSON, Orbax I/O.
+
+
+def _sha256(a: np.ndarray) -> str:
+    """Hex sha256 of the raw bytes of `a` (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "…"
+
+
+def _differences(store: Mapping[str, Any], other: Mapping[str, Any], keys: Sequence[str], side: str) -> str:
+    """'key: store has X, <side> Y' for every key whose values differ, joined by '; '."""
+    diffs = [
+        f"{k}: store has {_short(store.get(k))}, {side} {_short(other.get(k))}"
+        for k in keys
+        if store.get(k) != other.get(k)
+    ]
+    return "; ".join(diffs)
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    """Writes `obj` to `path` atomically: a temporary file in the same directory, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _save(directory: Path, tree: dict[str, np.ndarray]) -> None:
+    """Commits host arrays as one Orbax checkpoint (temp dir, then rename) with their sha256 as metadata."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(
+            directory,
+            args=ocp.args.PyTreeSave(tree),
+            custom_metadata={"sha256": {k: _sha256(v) for k, v in tree.items()}},
+        )
+
+
+def _read_meta(directory: Path, what: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """(sha256 per array, (shape, dtype name) per array) of a committed checkpoint; reads no array data."""
+    if not directory.is_dir() or ocp.path.step.is_path_temporary(directory):
+        raise DN2FileError(f"{what} is missing: '{directory}' does not exist. The store is truncated; re-create it.")
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(directory)
+        arrays = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in meta.item_metadata.items()}
+        sha = dict(meta.custom_metadata["sha256"])
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+        raise DN2FileError(f"{what} at '{directory}' is damaged: cannot read its metadata ({e}).") from e
+    return sha, arrays
+
+
+def _restore(
+    directory: Path, arrays: Mapping[str, tuple[tuple[int, ...], str]], sha: Mapping[str, str], what: str
+) -> dict[str, np.ndarray]:
+    """Restores the named arrays as host numpy and checks each against its sha256."""
+    item = {k: jax.ShapeDtypeStruct(shape, _NUMPY_DTYPES[dt]) for k, (shape, dt) in arrays.items()}
+    restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in arrays}
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(
+                directory,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            )
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+        raise DN2FileError(f"{what} at '{directory}' is damaged: Orbax cannot restore it ({e}).") from e
+    for k, v in out.items():
+        if _sha256(v) != sha[k]:
+            raise DN2FileError(
+                f"{what} at '{directory}' is damaged: the sha256 of '{k}' does not match the "
+                "manifest. Re-create the store."
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest.
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dn2-jax")
+    except importlib.metadata.PackageNotFoundError:
+        import dn2_jax
+
+        return dn2_jax.__version__
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise DN2Error(f"metadata must be a dict, got {type(metadata).__name__}.")
+    if missing := [k for k in REQUIRED_KEYS if k not in metadata]:
+        raise DN2Error(f"metadata lacks {missing}; an embedding store records {list(REQUIRED_KEYS)}.")
+    if reserved := [k for k in STORE_KEYS if k in metadata]:
+        raise DN2Error(f"metadata sets {reserved}, which the store records itself; remove them.")
+    try:
+        same = json.loads(json.dumps(dict(metadata))) == dict(metadata)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise DN2Error(
+            "metadata must be plain JSON data (str keys; str, int, float, bool, None, list, dict values): "
+            f"got {_short(dict(metadata))}."
+        )
+    return dict(metadata)
+
+
+def _new_manifest(
+    metadata: Mapping[str, Any], count: int, chunk_size: int, dtype: str, labels: np.ndarray, ids: np.ndarray
+) -> dict[str, Any]:
+    meta = {
+        **_check_metadata(metadata),
+        "count": count,
+        "dim": None,
+        "dtype": dtype,
+        "chunk_size": chunk_size,
+        "dn2_jax_version": _version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+    }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "metadata": meta,
+        "index_sha256": {"labels": _sha256(labels), "ids": _sha256(ids)},
+        "chunks": None,
+        "threshold": None,
+    }
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not path.exists():
+        raise DN2FileError(f"embedding store '{path}' does not exist.")
+    if not file.is_file():
+        raise DN2FileError(f"'{path}' is not an embedding store: it has no {MANIFEST}.")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise DN2FileError(f"the manifest '{file}' is damaged: {e}.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DN2FileError(f"'{file}' is not a {FORMAT} manifest.")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DN2FileError(
+            f"'{file}' has format version {manifest.get('format_version')}; this dn2_jax reads "
+            f"version {FORMAT_VERSION}. Re-create the store."
+        )
+    meta = manifest.get("metadata")
+    fields = {"count": int, "chunk_size": int, "dtype": str, "dim": (int, type(None))}
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in fields.items()):
+        raise DN2FileError(f"the manifest '{file}' is damaged: its metadata lacks {list(fields)}.")
+    return manifest
+
+
+def _identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What must agree for a run to resume (or reuse) an existing store: the data, not the writer."""
+    meta = {k: v for k, v in manifest["metadata"].items() if k not in _WRITER_KEYS}
+    return {**meta, **{f"{k}_sha256": v for k, v in manifest["index_sha256"].items()}}
+
+
+def _num_chunks(meta: Mapping[str, Any]) -> int:
+    return math.ceil(meta["count"] / meta["chunk_size"])
+
+
+def _chunk_dir(path: Path, i: int) -> Path:
+    return path / "chunks" / f"{i:06d}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The store.
+
+
+class EmbeddingStore:
+    """A complete embedding store opened for reading. Build one with `open_store`.
+
+    Attributes:
+      path: the store directory.
+      metadata: caller metadata plus count, dim, dtype, chunk_size, dn2_jax_version, created, process_count,
+        device_count (of the writer).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self._manifest = manifest
+        self._index: dict[str, np.ndarray] | None = None
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return f"EmbeddingStore('{self.path}', count={m['count']}, dim={m['dim']}, dtype={m['dtype']})"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest["metadata"]))  # A deep copy.
+
+    @property
+    def count(self) -> int:
+        return self._manifest["metadata"]["count"]
+
+    @property
+    def dim(self) -> int:
+        return self._manifest["metadata"]["dim"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Stored dtype: float32 or bfloat16."""
+        return DTYPES[self._manifest["metadata"]["dtype"]]
+
+    @property
+    def threshold(self) -> dict[str, Any] | None:
+        """The threshold saved by `save_threshold` ({"value", "k", "fpr", ...}), or None."""
+        t = self._manifest.get("threshold")
+        return None if t is None else dict(t)
+
+    def _load_index(self) -> dict[str, np.ndarray]:
+        if self._index is None:
+            arrays = {k: ((self.count,), "int64") for k in ("labels", "ids")}
+            self._index = _restore(self.path / "index", arrays, self._manifest["index_sha256"], "the index")
+        return self._index
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64."""
+        return self._load_index()["labels"]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(N,) int64 sample ids."""
+        return self._load_index()["ids"]
+
+    def iter_chunks(self, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (start, (n, D) embeddings[start:start + n]) chunk by chunk; dtype None keeps the stored one.
+
+        Every chunk is checked against its sha256 as it is read.
+        """
+        for i, chunk in enumerate(self._manifest["chunks"]):
+            arrays = {"embeddings": ((chunk["size"], self.dim), self._manifest["metadata"]["dtype"])}
+            emb = _restore(_chunk_dir(self.path, i), arrays, chunk["sha256"], f"chunk {i}")["embeddings"]
+            yield chunk["start"], emb if dtype is None else emb.astype(dtype, copy=False)
+
+    def embeddings(self, dtype: Any = np.float32) -> np.ndarray:
+        """All (N, D) embeddings in host memory, for banks that fit; dtype None keeps the stored dtype."""
+        out = np.empty((self.count, self.dim), dtype=self.dtype if dtype is None else dtype)
+        for start, emb in self.iter_chunks(dtype):
+            out[start : start + len(emb)] = emb
+        return out
+
+    def verify(self) -> None:
+        """Reads every array and checks its sha256 (a full read of the store)."""
+        self._load_index()
+        for _ in self.iter_chunks(dtype=None):
+            pass
+
+
+def _check_structure(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Cheap integrity checks (Orbax metadata only, no array data): every chunk present, committed, with the
+    shape, dtype and sha256 the manifest records."""
+    meta, chunks = manifest["metadata"], manifest["chunks"]
+    count, dim, dtype, size = meta["count"], meta["dim"], meta["dtype"], meta["chunk_size"]
+    if len(chunks) != _num_chunks(meta):
+        raise DN2FileError(
+            f"embedding store '{path}' is damaged: its manifest lists {len(chunks)} chunks for "
+            f"count={count} and chunk_size={size}."
+        )
+    sha, arrays = _read_meta(path / "index", "the index")
+    want = {"labels": ((count,), "int64"), "ids": ((count,), "int64")}
+    if arrays != want or sha != manifest["index_sha256"]:
+        raise DN2FileError(
+            f"the index of embedding store '{path}' disagrees with its manifest: it holds "
+            f"{arrays}, the manifest says {want} (count={count})."
+        )
+    for i, chunk in enumerate(chunks):
+        start, n = i * size, min(size, count - i * size)
+        sha, arrays = _read_meta(_chunk_dir(path, i), f"chunk {i}")
+        want = {"embeddings": ((n, dim), dtype)}
+        if arrays != want or (chunk["start"], chunk["size"]) != (start, n):
+            raise DN2FileError(
+                f"chunk {i} of embedding store '{path}' disagrees with the manifest: it holds "
+                f"{arrays}, the manifest (count={count}, dim={dim}, dtype={dtype}) needs {want}."
+            )
+        if sha != chunk["sha256"]:
+            raise DN2FileError(
+                f"chunk {i} of embedding store '{path}' is not the one its manifest lists "
+                "(sha256 differs). Re-create the store."
+            )
+
+
+def _committed_chunks(path: Path, n: int, clean: bool = True) -> list[int]:
+    """Indices of committed chunks; `clean` removes temporary directories left by a killed writer."""
+    for folder in (path, path / "chunks") if clean else ():
+        for p in folder.iterdir() if folder.is_dir() else ():
+            if ocp.path.step.is_path_temporary(p):
+                shutil.rmtree(p)
+    return [i for i in range(n) if _chunk_dir(path, i).is_dir()]
+
+
+def open_store(
+    path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None, verify: bool = False
+) -> EmbeddingStore:
+    """Opens a complete store, checking its integrity and, if given, that its metadata matches `expect`.
+
+    Args:
+      path: the store directory.
+      expect: metadata the caller relies on, e.g. {"backbone": ..., "fingerprint": ..., "preset": ...}.
+      verify: also read every array now and check its sha256 (otherwise this happens as arrays are read).
+
+    Raises:
+      IncompleteStoreError: the extraction was interrupted (resume it by running it again).
+      DN2FileError: missing, truncated or damaged store.
+      DN2Error: metadata that differs from `expect`; the message names both sides.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if not manifest["complete"]:
+        meta = manifest["metadata"]
+        done = len(_committed_chunks(path, _num_chunks(meta), clean=False))
+        raise IncompleteStoreError(
+            f"embedding store '{path}' is incomplete ({done} of {_num_chunks(meta)} chunks committed): its "
+            "extraction was interrupted. Run the same extraction (`dn2 embed` / extract_to_store) again "
+            "to resume."
+        )
+    _check_structure(path, manifest)
+    store = EmbeddingStore(path, manifest)
+    if expect:
+        meta = store.metadata
+        if diffs := _differences(meta, expect, list(expect), "expected"):
+            raise DN2Error(
+                f"embedding store '{path}' (backbone {_short(meta.get('backbone'))}, fingerprint "
+                f"{_short(meta.get('fingerprint'))}) does not match what is needed: {diffs}."
+            )
+    if verify:
+        store.verify()
+    return store
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _index_arrays(count: int, labels: Any, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) int64 labels (default -1) and ids (default arange(N))."""
+    out = []
+    for name, value, default in (("labels", labels, np.full(count, -1)), ("ids", ids, np.arange(count))):
+        a = np.asarray(default if value is None else value)
+        if a.shape != (count,) or not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+            raise DN2Error(f"{name} must be {count} integers (one per image), got shape {a.shape} {a.dtype}.")
+        out.append(a.astype(np.int64))
+    return out[0], out[1]
+
+
+def _batch(images: Any, a: int, b: int) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+        return images[a:b]
+    return np.stack([np.asarray(images[j]) for j in range(a, b)])
+
+
+def _embed_range(
+    images: Any,
+    embed_fn: Callable[[np.ndarray], Any],
+    start: int,
+    stop: int,
+    batch_size: int,
+    dtype: np.dtype,
+    bar: tqdm,
+) -> np.ndarray:
+    """embed_fn over images[start:stop] in batches → (stop - start, D) host array of `dtype`."""
+    parts = []
+    for a in range(start, stop, batch_size):
+        b = min(stop, a + batch_size)
+        out = np.asarray(embed_fn(_batch(images, a, b)))  # Gathers device arrays to host.
+        if out.ndim != 2 or out.shape[0] != b - a:
+            raise DN2Error(f"embed_fn returned shape {out.shape} for a batch of {b - a} images; expected ({b - a}, D).")
+        parts.append(out.astype(dtype))
+        bar.update(b - a)
+    return np.concatenate(parts)
+
+
+def _existing_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at `path`, None if there is nothing there; errors for anything that is not a store."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return None
+    if not path.is_dir():
+        raise DN2Error(f"'{path}' exists and is not a directory; choose another store path.")
+    if not (path / MANIFEST).is_file():
+        raise DN2Error(f"'{path}' exists and is not an embedding store (no {MANIFEST}); refusing to write into it.")
+    return _read_manifest(path)
+
+
+def _finalize(path: Path, manifest: dict[str, Any]) -> None:
+    """Checks every committed chunk, records their sha256 and dim, and marks the store complete."""
+    meta = manifest["metadata"]
+    chunks, dims = [], set()
+    for i in range(_num_chunks(meta)):
+        sha, arrays = _read_meta(_chunk_dir(path, i), f"chunk {i}")
+        dims.add(arrays["embeddings"][0][1])
+        chunks.append({"start": i * meta["chunk_size"], "size": arrays["embeddings"][0][0], "sha256": sha})
+    if len(dims) != 1:
+        raise DN2FileError(f"the chunks of '{path}' have different dims {sorted(dims)}; re-create the store.")
+    manifest = {**manifest, "complete": True, "chunks": chunks, "metadata": {**meta, "dim": dims.pop()}}
+    _write_json(path / MANIFEST, manifest)
+
+
+def extract_to_store(
+    path: str | os.PathLike,
+    images: Sequence[Any] | np.ndarray,
+    embed_fn: Callable[[np.ndarray], Any],
+    *,
+    metadata: Mapping[str, Any],
+    labels: Any = None,
+    ids: Any = None,
+    chunk_size: int = 4096,
+    batch_size: int = 256,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> EmbeddingStore:
+    """Embeds `images` into a store at `path`, one atomically committed chunk at a time; resumes partial ones.
+
+    Args:
+      path: store directory (created).
+      images: N images, any indexable sequence (np.ndarray or list of arrays), given to embed_fn in batches.
+      embed_fn: uint8 images (B, H, W[, C]) → (B, D) features (numpy or jax array). Must be deterministic for
+        a resumed store to equal an uninterrupted one.
+      metadata: JSON data with at least backbone, fingerprint, preset, dataset, split.
+      labels, ids: (N,) integers; default -1 and arange(N).
+      chunk_size: images per committed chunk (at most this many are lost by a crash).
+      batch_size: images per embed_fn call (chunks are split into batches).
+      dtype: "float32" or "bfloat16", as stored.
+      progress: show a tqdm bar counting images.
+
+    Returns:
+      The complete store. If `path` already holds a complete store for the same data, it is returned as is.
+
+    Raises:
+      DN2Error: bad arguments, or `path` holds something else (another store: the message names both sides).
+    """
+    path = Path(path)
+    count = len(images)
+    if count == 0:
+        raise DN2Error("images is empty; nothing to embed.")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise DN2Error(f"{name} must be a positive int, got {value!r}.")
+    if dtype not in DTYPES:
+        raise DN2Error(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
+    labels, ids = _index_arrays(count, labels, ids)
+    manifest = _new_manifest(metadata, count, chunk_size, dtype, labels, ids)
+    existing = _existing_manifest(path)
+    if existing is not None:
+        mine, theirs = _identity(manifest), _identity(existing)
+        if diffs := _differences(theirs, mine, sorted(set(mine) | set(theirs)), "this run has"):
+            raise DN2Error(
+                f"'{path}' already holds an embedding store for other data or another model: {diffs}. "
+                "Use another path, or delete it to re-embed."
+            )
+        if existing["complete"]:
+            return open_store(path)
+        manifest = existing
+
+    n = _num_chunks(manifest["metadata"])
+    done = set(_committed_chunks(path, n))
+    initial = sum(min(chunk_size, count - i * chunk_size) for i in done)
+    with tqdm(
+        total=count,
+        initial=initial,
+        unit="img",
+        desc=f"embedding → {path.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for i in sorted(set(range(n)) - done):
+            start = i * chunk_size
+            emb = _embed_range(images, embed_fn, start, min(count, start + chunk_size), batch_size, DTYPES[dtype], bar)
+            if existing is None:  # Nothing is written before the first chunk is computed.
+                path.mkdir(parents=True, exist_ok=True)
+                _write_json(path / MANIFEST, manifest)
+                existing = manifest
+            if not (path / "index").is_dir():
+                _save(path / "index", {"labels": labels, "ids": ids})
+            _save(_chunk_dir(path, i), {"embeddings": emb})
+    _finalize(path, manifest)
+    return open_store(path)
+
+
+def write_store(
+    path: str | os.PathLike,
+    embeddings: Any,
+    *,
+    metadata: Mapping[str, Any],
+    labels: Any = None,
+    ids: Any = None,
+    chunk_size: int = 65536,
+    overwrite: bool = False,
+) -> EmbeddingStore:
+    """Writes (N, D) embeddings already in memory (float32 or bfloat16, kept) as a store, in the same format.
+
+    The store is built in a sibling temporary directory and renamed into place. An existing `path` is an error
+    unless `overwrite`.
+    """
+    path = Path(path)
+    emb = np.asarray(embeddings)
+    is_float = emb.dtype == DTYPES["bfloat16"] or np.issubdtype(emb.dtype, np.floating)
+    if emb.ndim != 2 or emb.shape[0] == 0 or not is_float:
+        raise DN2Error(f"embeddings must be a non-empty (N, D) float array, got shape {emb.shape} {emb.dtype}.")
+    if path.exists() and not overwrite:
+        raise DN2Error(f"'{path}' already exists; pass overwrite=True to replace it.")
+    dtype = "bfloat16" if emb.dtype == DTYPES["bfloat16"] else "float32"
+    _check_metadata(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        extract_to_store(
+            tmp,
+            emb,
+            lambda x: x,
+            metadata=metadata,
+            labels=labels,
+            ids=ids,
+            chunk_size=chunk_size,
+            batch_size=chunk_size,
+            dtype=dtype,
+            progress=False,
+        )
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "store")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_store(path)
+
+
+def save_threshold(path: str | os.PathLike, *, value: float, k: int, fpr: float, **extra: Any) -> EmbeddingStore:
+    """Records a decision threshold (score units: mean squared distance to the k nearest) in a complete store.
+
+    The manifest is replaced atomically; `extra` (JSON data) is kept alongside value, k and fpr.
+    """
+    store = open_store(path)
+    if not (isinstance(k, int) and k >= 1):
+        raise DN2Error(f"k must be a positive int, got {k!r}.")
+    if not (math.isfinite(value) and 0.0 <= fpr <= 1.0):
+        raise DN2Error(f"threshold value must be finite and fpr in [0, 1], got value={value!r}, fpr={fpr!r}.")
+    threshold = {**extra, "value": float(value), "k": k, "fpr": float(fpr)}
+    try:
+        json.dumps(threshold, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise DN2Error(f"threshold extras must be JSON data: {e}.") from e
+    _write_json(store.path / MANIFEST, {**store._manifest, "threshold": threshold})
+    return open_store(path)
