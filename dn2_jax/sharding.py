@@ -1,0 +1,361 @@
+"""Scale: exact kNN against a bank sharded over devices and hosts, and opt-in approximate kNN (TPU-KNN).
+
+The bank is split row-wise over a 1-D device mesh (axis ``'data'`` by default). Every device scans its
+own rows with the blocked kernel of :mod:`dn2_jax.knn` for every query (queries are replicated), keeps
+its k best candidates, and the ``k x devices`` candidates are all-gathered and merged into the global
+top-k. Only ``(M, k)`` candidates cross the interconnect, never bank rows, so a bank too large for one
+device lives spread over all of them, on one host or many.
+
+Padding: the row count is padded to a multiple of the device count (per process, in multi-host runs).
+Padded rows have a squared norm of +inf, so their distance is +inf, and a global row id of -1; as
+``k <= N`` there are always at least k real candidates, so a padded row is never returned.
+
+Multi-host: call :func:`initialize_distributed` (or ``jax.distributed.initialize``) first in every
+process, then :func:`shard_bank` with the rows *this process* holds (e.g. the embeddings of its
+``jax.process_index()`` slice of the dataset). Global row ids follow process order: process 0's rows,
+then process 1's, and so on. Every process calls :func:`sharded_knn` with the same queries and gets the
+same replicated result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dn2_jax.errors import DN2Error
+from dn2_jax.knn import BLOCK_SIZE, QUERY_BLOCK, _as_features, _block_starts, _check_k, _knn_blocked
+
+Array = jax.Array
+
+DATA_AXIS = "data"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Processes, meshes and sharded banks.
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: list[int] | None = None,
+    timeout_s: int = 300,
+) -> None:
+    """Joins this process to a multi-host JAX job; call it once, before any other JAX call.
+
+    Args:
+      coordinator: ``"host:port"`` of process 0 (reachable from all processes). ``None`` everywhere on
+        Cloud TPU, Slurm and Open MPI, where JAX detects all three values itself.
+      num_processes: total number of processes.
+      process_id: this process's index in ``[0, num_processes)``.
+      local_device_ids: restricts this process to some local accelerators (e.g. one process per GPU).
+      timeout_s: seconds to wait for all processes to join.
+
+    On CPU the cross-process collectives use gloo (``jax_cpu_collectives_implementation``), set here.
+    """
+    missing = [v is None for v in (coordinator, num_processes, process_id)]
+    if any(missing) and not all(missing):
+        raise DN2Error(
+            "coordinator, num_processes and process_id must be given together (or all omitted for "
+            "automatic detection on Cloud TPU / Slurm / Open MPI)"
+        )
+    if num_processes is not None:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise DN2Error(f"process_id must lie in [0, {num_processes}), got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=timeout_s,
+    )
+
+
+def data_mesh(devices=None, axis: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes), ordered process by process."""
+    if devices is None:
+        devices = jax.devices()
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    if not devices:
+        raise DN2Error("data_mesh needs at least one device")
+    return Mesh(np.asarray(devices), (axis,))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedBank:
+    """A bank placed row-wise over a 1-D mesh, padded to a multiple of the device count.
+
+    Attributes:
+      rows: (N_pad, D) features, sharded over ``axis``.
+      sq_norms: (N_pad,) float32 squared norms, +inf on padded rows.
+      row_ids: (N_pad,) int32 global row id of every row, -1 on padded rows.
+      size: N, the number of real rows (over all processes).
+      mesh, axis: where it lives.
+    """
+
+    rows: Array
+    sq_norms: Array
+    row_ids: Array
+    size: int
+    mesh: Mesh
+    axis: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.rows.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("out_sharding",))
+def _masked_norms(rows, row_ids, out_sharding):
+    sq = jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=1)
+    return jax.lax.with_sharding_constraint(jnp.where(row_ids >= 0, sq, jnp.inf), out_sharding)
+
+
+def _check_device_rows(rows: Array, name: str = "bank") -> Array:
+    """Validates a device-resident (n, D) array without copying it to the host."""
+    if rows.ndim != 2 or 0 in rows.shape:
+        raise DN2Error(f"{name} must be a non-empty (N, D) array, got shape {tuple(rows.shape)}")
+    if not jnp.issubdtype(rows.dtype, jnp.floating):
+        raise DN2Error(f"{name} must be a floating-point array, got dtype {rows.dtype}")
+    if not bool(jnp.isfinite(rows).all()):
+        raise DN2Error(f"{name} contains NaN or Inf")
+    return rows
+
+
+def shard_bank(rows, mesh: Mesh | None = None, *, axis: str = DATA_AXIS) -> ShardedBank:
+    """Places a bank row-wise over ``mesh`` so that each device holds ``N_pad / devices`` rows.
+
+    Args:
+      rows: (n, D) float features held by *this process*: the whole bank in a single-process run; in a
+        multi-host run, this process's rows (counts may differ between processes; rows of process p get
+        global ids after those of processes 0..p-1). Every process must call this together.
+      mesh: a mesh with axis ``axis`` (default :func:`data_mesh`).
+      axis: the mesh axis to shard rows over.
+
+    Returns:
+      a :class:`ShardedBank`; its arrays are global ``jax.Array`` s spanning all processes.
+    """
+    mesh = data_mesh(axis=axis) if mesh is None else mesh
+    if axis not in mesh.axis_names:
+        raise DN2Error(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
+    n_proc = jax.process_count()
+    on_device = n_proc == 1 and isinstance(rows, jax.Array)  # keep a device-resident bank on device
+    local = _check_device_rows(rows) if on_device else _as_features(np.asarray(rows), "bank")
+    n_local, dim = local.shape
+    sharding = NamedSharding(mesh, P(axis))
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if local_devices == 0:
+        raise DN2Error(f"mesh has no device of process {jax.process_index()}")
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+
+        meta = np.asarray([n_local, dim], np.int64)
+        all_meta = np.asarray(multihost_utils.process_allgather(meta)).reshape(n_proc, 2)
+        if (all_meta[:, 1] != dim).any():
+            raise DN2Error(f"processes hold banks of different feature dimensions: {all_meta[:, 1].tolist()}")
+        counts = all_meta[:, 0]
+    else:
+        counts = np.asarray([n_local])
+    offset = int(counts[: jax.process_index()].sum())
+    per_process = -(-int(counts.max()) // local_devices) * local_devices  # same local shape everywhere
+    pad = per_process - n_local
+    local_ids = np.concatenate([np.arange(offset, offset + n_local), np.full(pad, -1)]).astype(np.int32)
+    global_rows = per_process * n_proc
+    if on_device:
+        rows_g = jax.device_put(jnp.pad(local, ((0, pad), (0, 0))) if pad else local, sharding)
+        ids_g = jax.device_put(local_ids, sharding)
+    else:
+        local_rows = np.concatenate([local, np.zeros((pad, dim), local.dtype)]) if pad else local
+        rows_g = jax.make_array_from_process_local_data(sharding, local_rows, (global_rows, dim))
+        ids_g = jax.make_array_from_process_local_data(sharding, local_ids, (global_rows,))
+    norms = _masked_norms(rows_g, ids_g, sharding)
+    return ShardedBank(rows_g, norms, ids_g, int(counts.sum()), mesh, axis)
+
+
+def _replicated(x, mesh: Mesh) -> Array:
+    """Queries as an array replicated over the mesh (every process must pass the same values)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x  # a global array (e.g. queries sharded over processes): the jitted search reshards it
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, NamedSharding(mesh, P()))  # stays on device
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), x, x.shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_size", "query_block", "recall_target", "input_size"))
+def _approx_blocked(queries, bank, bank_sq, *, k, block_size, query_block, recall_target, input_size):
+    """Like ``knn._knn_blocked`` but each (query block x bank block) tile is reduced by lax.approx_min_k.
+
+    On TPU this is the TPU-KNN partial reduction (recall ~ ``recall_target``); on other backends XLA
+    lowers approx_min_k to an exact top-k. Returns (M, k) distances and local row indices.
+    """
+    n, m = bank.shape[0], queries.shape[0]
+    b, qb = min(block_size, n), min(query_block, m)
+    bank_starts = jnp.asarray(_block_starts(n, b))
+    query_starts = jnp.asarray(_block_starts(m, qb))
+    block_k = min(k, b)
+
+    def one_query_block(carry, q_start):
+        out_d, out_i = carry
+        q = lax.dynamic_slice_in_dim(queries, q_start, qb).astype(jnp.float32)
+        q_sq = jnp.sum(q * q, axis=1, keepdims=True)
+
+        def scan_bank(best, xs):
+            start, first_new = xs
+            blk = lax.dynamic_slice_in_dim(bank, start, b).astype(jnp.float32)
+            blk_sq = lax.dynamic_slice_in_dim(bank_sq, start, b)
+            cross = jnp.dot(q, blk.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            d = jnp.maximum(q_sq - 2.0 * cross + blk_sq[None, :], 0.0)
+            col = start + jnp.arange(b, dtype=jnp.int32)[None, :]
+            d = jnp.where(col < first_new, jnp.inf, d)  # rows a shifted last block already covered
+            cand_d, pos = lax.approx_min_k(
+                d, block_k, recall_target=recall_target, reduction_input_size_override=input_size
+            )
+            cand_i = start + pos.astype(jnp.int32)
+            merged = (jnp.concatenate([best[0], cand_d], 1), jnp.concatenate([best[1], cand_i], 1))
+            return _sorted_topk(*merged, k), None
+
+        init = (jnp.full((qb, k), jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
+        first_new = jnp.arange(bank_starts.shape[0], dtype=jnp.int32) * b
+        (d, i), _ = lax.scan(scan_bank, init, (bank_starts, first_new))
+        out_d = lax.dynamic_update_slice_in_dim(out_d, d, q_start, axis=0)
+        out_i = lax.dynamic_update_slice_in_dim(out_i, i, q_start, axis=0)
+        return (out_d, out_i), None
+
+    init = (jnp.zeros((m, k), jnp.float32), jnp.zeros((m, k), jnp.int32))
+    (out_d, out_i), _ = lax.scan(one_query_block, init, query_starts)
+    return out_d, out_i
+
+
+def _sorted_topk(d: Array, i: Array, k: int) -> tuple[Array, Array]:
+    """The k smallest of (rows of) candidate lists, ascending, lower row id first on equal distance."""
+    d, i = lax.sort((d, i), dimension=1, num_keys=2)
+    return d[:, :k], i[:, :k]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "axis", "k", "block_size", "query_block", "recall_target", "n_pad")
+)
+def _sharded_knn(
+    queries, rows, sq_norms, row_ids, *, mesh, axis, k, block_size, query_block, recall_target, n_pad
+):
+    def local(q, r, sq, ids):
+        kl = min(k, r.shape[0])  # a shard may hold fewer rows than k; padding makes up the rest
+        if recall_target is None:
+            none = jnp.full((q.shape[0],), -1, jnp.int32)
+            d, i = _knn_blocked(q, r, sq, none, k=kl, block_size=max(block_size, kl), query_block=query_block)
+        else:
+            d, i = _approx_blocked(
+                q,
+                r,
+                sq,
+                k=kl,
+                block_size=max(block_size, kl),
+                query_block=query_block,
+                recall_target=recall_target,
+                input_size=n_pad,
+            )
+        gid = jnp.take(ids, i)
+        d = jnp.where(gid < 0, jnp.inf, d)
+        all_d = lax.all_gather(d, axis, axis=1, tiled=True)  # (M, devices * kl)
+        all_i = lax.all_gather(gid, axis, axis=1, tiled=True)
+        return _sorted_topk(all_d, jnp.where(all_i < 0, jnp.iinfo(jnp.int32).max, all_i), k)
+
+    # check_vma=False: the kernels' scan carries start device-invariant and become device-varying; the
+    # outputs are replicated by construction (merged from the all-gathered candidates).
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis)), out_specs=(P(), P()), check_vma=False
+    )(queries, rows, sq_norms, row_ids)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def sharded_knn(
+    queries,
+    bank,
+    k: int,
+    *,
+    mesh: Mesh | None = None,
+    axis: str = DATA_AXIS,
+    block_size: int = BLOCK_SIZE,
+    query_block: int = QUERY_BLOCK,
+    approx_recall: float | None = None,
+) -> tuple[Array, Array]:
+    """Exact (or, opt-in, approximate) kNN with the bank sharded row-wise over a mesh of devices/hosts.
+
+    Args:
+      queries: (M, D) query features, the same on every process (they are replicated to all devices).
+      bank: a :class:`ShardedBank` from :func:`shard_bank`, or (n, D) rows held by this process, which are
+        sharded here (pass a ShardedBank to reuse the placement across calls).
+      k: neighbours, 1 <= k <= N (real rows over all processes).
+      mesh, axis: used only when ``bank`` is not yet sharded (default :func:`data_mesh`).
+      block_size, query_block: per-device blocking, as in :func:`dn2_jax.knn.knn`.
+      approx_recall: None for exact search; a recall target in (0, 1) reduces each distance tile with
+        ``lax.approx_min_k`` instead, which is approximate on TPU only (exact on CPU and GPU).
+
+    Returns:
+      (sq_dists, indices), both (M, k) and replicated on every device: ascending squared distances
+      (float32) and int32 global row ids, lower id first on equal distance, as :func:`dn2_jax.knn.knn`.
+    """
+    if not isinstance(bank, ShardedBank):
+        bank = shard_bank(bank, mesh, axis=axis)
+    if isinstance(queries, jax.Array) and (not queries.is_fully_addressable or jax.process_count() == 1):
+        queries = _check_device_rows(queries, "queries")
+    else:
+        queries = _as_features(np.asarray(queries), "queries")
+    if queries.shape[1] != bank.dim:
+        raise DN2Error(f"queries and bank differ in feature dimension: {queries.shape[1]} vs {bank.dim}")
+    k = _check_k(k, bank.size, "the bank size N")
+    for name, value in (("block_size", block_size), ("query_block", query_block)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DN2Error(f"{name} must be a positive integer, got {value!r}")
+    if approx_recall is not None and not 0.0 < float(approx_recall) < 1.0:
+        raise DN2Error(f"approx_recall must be in the open interval (0, 1) or None, got {approx_recall}")
+    return _sharded_knn(
+        _replicated(queries, bank.mesh),
+        bank.rows,
+        bank.sq_norms,
+        bank.row_ids,
+        mesh=bank.mesh,
+        axis=bank.axis,
+        k=k,
+        block_size=int(block_size),
+        query_block=int(query_block),
+        recall_target=None if approx_recall is None else float(approx_recall),
+        n_pad=int(bank.rows.shape[0]),
+    )
+
+
+def sharded_knn_score(queries, bank, k: int = 2, **kwargs) -> Array:
+    """DN2 score (M,) against a sharded bank: mean squared distance to the k nearest rows (replicated)."""
+    sq_dists, _ = sharded_knn(queries, bank, k, **kwargs)
+    return jnp.mean(sq_dists, axis=1)
+
+
+def approx_knn(queries, bank, k: int, *, recall_target: float = 0.95, **kwargs) -> tuple[Array, Array]:
+    """TPU-KNN (``lax.approx_min_k``) search; approximate on TPU only, exact elsewhere. See sharded_knn."""
+    return sharded_knn(queries, bank, k, approx_recall=recall_target, **kwargs)
+
+
+def knn_recall(indices: Array, exact_indices: Array) -> float:
+    """Share of the exact neighbours (M, k) that an approximate search (M, k) also returned."""
+    a, b = np.asarray(indices), np.asarray(exact_indices)
+    if a.shape != b.shape:
+        raise DN2Error(f"indices shapes differ: {a.shape} vs {b.shape}")
+    hits = sum(len(np.intersect1d(x, y)) for x, y in zip(a, b, strict=True))
+    return hits / b.size

@@ -1,0 +1,190 @@
+"""Sharded and multi-host kNN. Multi-device runs happen in subprocesses (4 simulated CPU devices, or 2
+processes x 2 devices on loopback) so the rest of the suite keeps its single device."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dn2_jax.errors import DN2Error
+from dn2_jax.knn import knn
+from dn2_jax.sharding import data_mesh, initialize_distributed, knn_recall, shard_bank, sharded_knn
+
+WORKER = Path(__file__).with_name("_sharding_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from _sharding_worker import bank_and_queries  # noqa: E402
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(args: list[str], devices: int, timeout: float) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), *args],
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("sharding") / "devices.npz"
+    _run(["devices", str(out)], devices=4, timeout=240)
+    return dict(np.load(out))
+
+
+def test_bank_is_spread_over_four_devices(four_devices):
+    r = four_devices
+    assert r["devices"] == 4 and r["shard_devices"] == 4
+    assert r["padded_rows"] == 32  # 29 rows padded to a multiple of 4
+    np.testing.assert_array_equal(r["shard_rows"], [8, 8, 8, 8])
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 28, 29])
+def test_sharded_knn_equals_single_device(four_devices, k):
+    r = four_devices
+    np.testing.assert_array_equal(r[f"i{k}"], r[f"ref_i{k}"])  # includes ties across shards
+    np.testing.assert_allclose(r[f"d{k}"], r[f"ref_d{k}"], rtol=1e-5, atol=1e-5)
+    assert (r[f"i{k}"] >= 0).all() and (r[f"i{k}"] < 29).all()  # never a padded row
+
+
+def test_ties_across_shards_keep_lower_index(four_devices):
+    # query 0 sits next to rows 3, 20 and 27 (identical, on shards 0, 2 and 3).
+    np.testing.assert_array_equal(four_devices["i3"][0], [3, 20, 27])
+
+
+def test_sharded_score_and_approx_on_cpu(four_devices):
+    r = four_devices
+    np.testing.assert_allclose(r["score"], r["ref_score"], rtol=1e-5, atol=1e-5)
+    # approx_min_k is exact off TPU: recall 1.0 and the same distances.
+    assert knn_recall(r["approx_i"], r["ref_i5"]) == 1.0
+    np.testing.assert_array_equal(r["approx_i"], r["ref_i5"])
+    np.testing.assert_allclose(r["approx_d"], r["ref_d5"], rtol=1e-5, atol=1e-5)
+    assert r["k_too_large_raises"]
+
+
+def test_device_resident_bank_on_four_devices(four_devices):
+    r = four_devices
+    assert r["dev_padded_rows"] == 32
+    np.testing.assert_array_equal(r["dev_i3"], r["ref_i3"])
+    np.testing.assert_allclose(r["dev_d3"], r["ref_d3"], rtol=1e-5, atol=1e-5)
+
+
+def test_single_device_path_and_validation():
+    bank, queries = bank_and_queries()
+    sb = shard_bank(bank, data_mesh())
+    assert sb.size == 29 and sb.rows.shape == (29, 6)
+    d, i = sharded_knn(queries, sb, 2)
+    d0, i0 = knn(queries, bank, 2)
+    np.testing.assert_array_equal(i, i0)
+    np.testing.assert_allclose(d, d0, rtol=1e-6)
+    d_dev, i_dev = sharded_knn(jnp.asarray(queries), shard_bank(jnp.asarray(bank)), 2)
+    np.testing.assert_array_equal(i_dev, i0)
+    with pytest.raises(DN2Error, match="NaN"):
+        shard_bank(jnp.asarray(bank).at[3, 1].set(jnp.nan))
+    with pytest.raises(DN2Error, match="feature dimension"):
+        sharded_knn(queries[:, :5], sb, 2)
+    with pytest.raises(DN2Error, match="approx_recall"):
+        sharded_knn(queries, sb, 2, approx_recall=1.5)
+    with pytest.raises(DN2Error, match="larger than"):
+        sharded_knn(queries, sb, 30)
+    with pytest.raises(DN2Error, match="no axis"):
+        shard_bank(bank, data_mesh(axis="model"))
+    with pytest.raises(DN2Error, match="together"):
+        initialize_distributed("127.0.0.1:1234")
+
+
+def test_knn_recall():
+    assert knn_recall(np.array([[0, 1], [2, 3]]), np.array([[1, 0], [2, 4]])) == 0.75
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 processes x 2 CPU devices on loopback, each holding only its own rows, score like one process."""
+    port = _free_port()
+    outs = [tmp_path / f"p{p}.npz" for p in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "hosts", str(outs[p]), str(port), str(p), "2"],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(2)
+    ]
+    errors = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            errors.append(err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
+    bank, queries = bank_and_queries()
+    ref_d, ref_i = knn(queries, bank, 3)
+    ref_score = np.asarray(knn(queries, bank, 2)[0]).mean(1)
+    for out, local_rows in zip(outs, (17, 12), strict=True):
+        r = np.load(out)
+        assert (r["processes"], r["devices"], r["local_devices"]) == (2, 4, 2)
+        assert r["local_rows"] == local_rows and r["size"] == 29
+        np.testing.assert_array_equal(r["i"], ref_i)
+        np.testing.assert_allclose(r["d"], ref_d, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["score"], ref_score, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(r["i_sharded_q"], ref_i[:8])  # queries sharded over processes
+        np.testing.assert_allclose(r["d_sharded_q"], ref_d[:8], rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_check_tiny_mode(tmp_path):
+    """scripts/gpu_check.py --tiny runs every timed code path on the CPU and writes its JSON."""
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.py"
+    args = [
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        "--sections",
+        "device,matmul,knn,embed",
+        "--backbones",
+        "efficientnet_lite0",
+        "--dtypes",
+        "float32",
+        "--max-batch",
+        "2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], env=_env(1), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["errors"] == {} and r["device"]["backend"] == "cpu"
+    assert r["matmul"]["f32_highest"]["tflops"] > 0
+    paths = {run["path"] for run in r["knn"]["runs"] if run.get("seconds", 0) > 0}
+    assert paths == {"knn", "sharded_knn", "sharded_knn_approx0.95"}
+    assert all(0 < run["fraction_of_f32_peak"] for run in r["knn"]["runs"])
+    assert r["knn"]["approx_recall_vs_exact"] == 1.0  # approx_min_k is exact off TPU
+    (run,) = r["embed"]["runs"]
+    assert run["backbone"] == "efficientnet_lite0" and run["batch"] == 2 and run["images_per_s"] > 0
