@@ -1,6 +1,17 @@
-"""dn2-jax: Deep Nearest Neighbor Anomaly Detection (Bergman, Cohen & Hoshen, 2020) in JAX/Flax."""
+"""dn2-jax: Deep Nearest Neighbor Anomaly Detection (Bergman, Cohen & Hoshen, 2020) in JAX/Flax.
 
+Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_backbone`, `load_variables`)
+-> embedding (`embed`, `make_embed_fn`) -> stores (`extract_to_store`, `open_store`) -> DN2 math (`knn_score`,
+`clean`, `pool_groups`, `threshold`) -> evaluation (`roc_auc`, `evaluate`).
+"""
+
+__version__ = "0.1.0"
+
+from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
+from dn2_jax.data import DATASET_NAMES, Dataset, load_dataset
+from dn2_jax.embedding import embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
+from dn2_jax.evaluation import EvalConfig, evaluate
 from dn2_jax.knn import (
     clean,
     knn,
@@ -13,21 +24,34 @@ from dn2_jax.knn import (
     threshold,
 )
 from dn2_jax.metrics import roc_auc, roc_curve
-
-__version__ = "0.1.0"
+from dn2_jax.models import BACKBONES, BackboneSpec, default_weights, fingerprint, get_backbone, init_random_variables
+from dn2_jax.preprocessing import PRESETS, Preset, preprocess
+from dn2_jax.protocols import (
+    contaminated_bank,
+    make_groups,
+    mvtec_split,
+    one_class,
+    stratified_subsample,
+    train_test_groups,
+)
+from dn2_jax.sharding import approx_knn, data_mesh, shard_bank, sharded_knn, sharded_knn_score
+from dn2_jax.store import (
+    EmbeddingStore,
+    IncompleteStoreError,
+    extract_to_store,
+    open_store,
+    save_threshold,
+    write_store,
+)
+from dn2_jax.torch_io import load_state_dict
 
 __all__ = [
-    "DN2Error",
-    "DN2FileError",
-    "clean",
-    "knn",
-    "knn_chunks",
-    "knn_score",
-    "pool_groups",
-    "pool_groups_by_id",
-    "roc_auc",
-    "roc_curve",
-    "self_knn_score",
-    "squared_norms",
-    "threshold",
+    "BACKBONES", "DATASET_NAMES", "PRESETS", "BackboneSpec", "DN2Error", "DN2FileError", "Dataset",
+    "EmbeddingStore", "EvalConfig", "IncompleteStoreError", "Preset", "approx_knn", "clean", "contaminated_bank",
+    "convert_checkpoint", "data_mesh", "default_weights", "embed", "evaluate", "extract_to_store", "fingerprint",
+    "get_backbone", "init_random_variables", "knn", "knn_chunks", "knn_score", "load_dataset", "load_state_dict",
+    "load_variables", "make_embed_fn", "make_groups", "mvtec_split", "one_class", "open_store", "pool_groups",
+    "pool_groups_by_id", "preprocess", "restore_variables", "roc_auc", "roc_curve", "save_threshold",
+    "save_variables", "self_knn_score", "shard_bank", "sharded_knn", "sharded_knn_score", "squared_norms",
+    "stratified_subsample", "threshold", "train_test_groups", "write_store",
 ]

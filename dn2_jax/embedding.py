@@ -61,6 +61,7 @@ class EmbedFn:
         self.feature_dim = int(jax.eval_shape(forward, variables, probe).shape[-1])  # checks `feature`
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
         self._variables = jax.device_put(variables, replicated)
+        self._sharded = sharded
         self._forward = jax.jit(forward, in_shardings=(replicated, sharded), out_shardings=sharded)
 
     def _dispatch(self, batch: np.ndarray) -> tuple[int, jax.Array]:
@@ -68,7 +69,8 @@ class EmbedFn:
         if n < self.batch_size:
             pad = np.zeros((self.batch_size - n,) + batch.shape[1:], batch.dtype)
             batch = np.concatenate([batch, pad])
-        return n, self._forward(self._variables, batch)
+        # Place the batch explicitly: under jax.distributed a numpy input with a sharded in_sharding is refused.
+        return n, self._forward(self._variables, jax.device_put(batch, self._sharded))
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Features of each batch (≤ batch_size images, validated), one batch in flight ahead of the host."""

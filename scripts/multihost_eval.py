@@ -70,26 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     embed = make_embed_fn(args.backbone, variables, batch_size=args.batch_size, dtype=args.dtype,
                           mesh=data_mesh(jax.local_devices()), input_size=args.input_size)
 
-    def embed_local(images: np.ndarray) -> np.ndarray:
-        """``embed(images)`` with each batch placed on the local devices first: in a multi-process job jit
-        refuses numpy inputs with a non-replicated sharding (EmbedFn passes numpy batches)."""
-        if n_proc == 1:
-            return embed(images)
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        sharding = NamedSharding(embed.mesh, PartitionSpec("data"))
-        bs, out = embed.batch_size, []
-        for s in range(0, len(images), bs):
-            batch = images[s : s + bs]
-            padded = np.concatenate([batch, np.zeros((bs - len(batch),) + batch.shape[1:], batch.dtype)])
-            feats = embed._forward(embed._variables, jax.device_put(padded, sharding))
-            out.append(np.asarray(feats)[: len(batch)])
-        return np.concatenate(out)
-
     def embed_share(images, idx: np.ndarray) -> np.ndarray:
         """Features of this process's slice of ``idx`` (in order)."""
         mine = np.array_split(idx, n_proc)[pid]
-        return embed_local(np.asarray(images[mine]))
+        return embed(np.asarray(images[mine]))
 
     def gather(local: np.ndarray, total: int) -> np.ndarray:
         """Concatenation over processes of their (uneven) array_split slices: (total, D) on every process."""
