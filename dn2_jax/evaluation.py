@@ -197,7 +197,29 @@ def _take(images, indices: np.ndarray):
     return [images[int(i)] for i in indices]
 
 
+class _Log:
+    def __init__(self, printer: Callable[[str], None] | None):
+        self.print = printer or (lambda s: None)
+        self.timings: dict[str, float] = {}
+
+    def timing(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
+
+    def row(self, res: ClassResult) -> None:
+        extra = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items())
+        self.print(f"  {res.name:<32} ROC-AUC {100 * res.auc:6.2f}   bank {res.bank:>6}   {extra}")
+
+
 # -------------------------------------------------------------------------------------------------- modes
+
+
+def _embedder(extract: FeatureExtractor, log: _Log, ds: Dataset, index_sets) -> Callable[[np.ndarray], np.ndarray]:
+    """Embeds the union of `index_sets` of `ds` once (timed); returns a lookup indices (any shape) -> features."""
+    pool = np.unique(np.concatenate([np.ravel(s) for s in index_sets]))
+    t0 = time.perf_counter()
+    feats = extract(ds, pool)
+    log.timing("embed_s", time.perf_counter() - t0)
+    return lambda idx: feats[np.searchsorted(pool, idx)]
 
 
 def _score(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
@@ -231,17 +253,12 @@ def _run_semi(cfg, train, test, classes, extract, log) -> list[ClassResult]:
         names = {c: train.class_names[c] for c in classes}
     for c, split in splits.items():
         _check_k_fits(cfg.k, len(split.bank), f"of class '{names[c]}'")
-    bank_all = np.unique(np.concatenate([s.bank for s in splits.values()]))
-    test_all = np.unique(np.concatenate([s.test for s in splits.values()]))
-    t0 = time.perf_counter()
-    bank_feats = extract(train, bank_all)
-    test_feats = extract(test, test_all)
-    log.timing("embed_s", time.perf_counter() - t0)
+    train_of = _embedder(extract, log, train, [s.bank for s in splits.values()])
+    test_of = _embedder(extract, log, test, [s.test for s in splits.values()])
     out = []
     t0 = time.perf_counter()
     for c, split in splits.items():
-        bank = bank_feats[np.searchsorted(bank_all, split.bank)]
-        scores = _score(test_feats[np.searchsorted(test_all, split.test)], bank, cfg.k)
+        scores = _score(test_of(split.test), train_of(split.bank), cfg.k)
         res = ClassResult(names[c], _auc(scores, split.test_anomaly), scores, split.test_anomaly,
                           len(split.bank))
         log.row(res)
@@ -269,17 +286,13 @@ def _run_unsupervised(cfg, train, test, classes, extract, log) -> list[ClassResu
         _check_k_fits(cfg.k, kept, f"left of class '{train.class_names[c]}' after cleaning")
         if cfg.clean_fraction > 0 and cfg.k > n - 1:
             raise DN2Error(f"k={cfg.k} needs a bank of at least {cfg.k + 1} images for cleaning, got {n}")
-    bank_all = np.unique(np.concatenate([b.bank for b in banks.values()]))
-    test_all = np.unique(np.concatenate([t.test for t in tests.values()]))
-    t0 = time.perf_counter()
-    bank_feats, test_feats = extract(train, bank_all), extract(test, test_all)
-    log.timing("embed_s", time.perf_counter() - t0)
+    train_of = _embedder(extract, log, train, [b.bank for b in banks.values()])
+    test_of = _embedder(extract, log, test, [t.test for t in tests.values()])
     out = []
     t0 = time.perf_counter()
     for c in classes:
         b, t = banks[c], tests[c]
-        bank = bank_feats[np.searchsorted(bank_all, b.bank)]
-        queries = test_feats[np.searchsorted(test_all, t.test)]
+        bank, queries = train_of(b.bank), test_of(t.test)
         raw = _score(queries, bank, cfg.k)
         extra = {"auc_without_cleaning": _auc(raw, t.test_anomaly), "contaminants": int(b.contaminant.sum())}
         scores = raw
@@ -308,19 +321,15 @@ def _run_group(cfg, train, test, classes, extract, log) -> list[ClassResult]:
             train.labels, test.labels, group_classes, cfg.train_groups, n_norm, cfg.test_groups - n_norm,
             seed=cfg.seed + c,
         ))
-    train_all = np.unique(np.concatenate([s.ravel() for _, s, _ in configs.values()]))
-    test_all = np.unique(np.concatenate([g.sets.ravel() for _, _, g in configs.values()]))
-    t0 = time.perf_counter()
-    train_feats, test_feats = extract(train, train_all), extract(test, test_all)
-    log.timing("embed_s", time.perf_counter() - t0)
+    train_of = _embedder(extract, log, train, [s for _, s, _ in configs.values()])
+    test_of = _embedder(extract, log, test, [g.sets for _, _, g in configs.values()])
     out = []
     t0 = time.perf_counter()
     for group_classes, train_sets, groups in configs.values():
-        tr = train_feats[np.searchsorted(train_all, train_sets)]  # (G, M, D)
-        te = test_feats[np.searchsorted(test_all, groups.sets)]
+        tr, te = train_of(train_sets), test_of(groups.sets)  # (G, M, D)
         scores = _score(np.asarray(pool_groups(te)), np.asarray(pool_groups(tr)), cfg.k)
         # Pointwise baseline: each test image against the individual train images, averaged over the set.
-        point_bank = train_feats[np.searchsorted(train_all, np.unique(train_sets))]
+        point_bank = train_of(np.unique(train_sets))
         flat = _score(te.reshape(-1, te.shape[-1]), point_bank, cfg.k).reshape(te.shape[:2])
         extra = {"auc_pointwise": _auc(flat.mean(1), groups.anomaly)}
         name = "+".join(train.class_names[g] for g in group_classes)
@@ -332,19 +341,6 @@ def _run_group(cfg, train, test, classes, extract, log) -> list[ClassResult]:
 
 
 # --------------------------------------------------------------------------------------------------- runner
-
-
-class _Log:
-    def __init__(self, printer: Callable[[str], None] | None):
-        self.print = printer or (lambda s: None)
-        self.timings: dict[str, float] = {}
-
-    def timing(self, name: str, seconds: float) -> None:
-        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
-
-    def row(self, res: ClassResult) -> None:
-        extra = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items())
-        self.print(f"  {res.name:<32} ROC-AUC {100 * res.auc:6.2f}   bank {res.bank:>6}   {extra}")
 
 
 def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print) -> tuple[dict, list[ClassResult]]:
