@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=3, help="group: images per set")
     p.add_argument("--train-groups", type=int, default=200, help="group: normal train sets")
     p.add_argument("--test-groups", type=int, default=200, help="group: test sets (half anomalous)")
-    p.add_argument("--normalize", action="store_true", help="L2-normalise features before kNN")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="L2-normalise features before kNN (default: on; --no-normalize for raw features)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval", help="output directory (results.json, roc.png, scores.png)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding stores reused across runs")

@@ -8,11 +8,12 @@ OUT=${1:-runs}
 dn2() { .venv/bin/dn2 "$@"; }
 R=112  # input resolution of the full runs (see the resolution ablation)
 
-# One-class, full splits, k = 2: EfficientNet-Lite0 and the raw-pixel baseline.
+# One-class, full splits, k = 2: EfficientNet-Lite0 with L2-normalised (default) and raw features, and the
+# raw-pixel baseline through the same kNN path.
 for ds in fashion_mnist mnist; do
   dn2 eval --dataset $ds --full --input-size $R --out $OUT/$ds-lite0-$R
-  dn2 eval --dataset $ds --full --backbone pixels --out $OUT/$ds-pixels
-  dn2 eval --dataset $ds --full --input-size $R --normalize --out $OUT/$ds-lite0-$R-l2
+  dn2 eval --dataset $ds --full --input-size $R --no-normalize --out $OUT/$ds-lite0-$R-raw
+  dn2 eval --dataset $ds --full --backbone pixels --no-normalize --out $OUT/$ds-pixels
 done
 
 # Unsupervised: contaminated banks, cleaning off and on (both in one results.json).
@@ -31,8 +32,8 @@ for n in 10 100 1000; do
   dn2 eval --bank-size $n --test-size 10000 --input-size $R --out $OUT/ablation-bank$n
 done
 
-# Resolution: 224 (the backbone's preset) vs 112 on a subsample (200 train images per class, 2000 test).
+# Resolution: 224 (the backbone's preset) vs 112, on a subsample (200 train images per class, 2000 test).
 for res in 224 112; do
   dn2 eval --bank-size 200 --test-size 2000 --input-size $res --out $OUT/res-$res
-  dn2 eval --bank-size 200 --test-size 2000 --input-size $res --normalize --out $OUT/res-$res-l2
+  dn2 eval --bank-size 200 --test-size 2000 --input-size $res --no-normalize --out $OUT/res-$res-raw
 done

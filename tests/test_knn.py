@@ -215,3 +215,21 @@ GOOD = np.ones((4, 3), np.float32)
 def test_bad_input_raises_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("k", [2, 10])
+def test_two_stage_block_selection_on_larger_banks_with_ties(k):
+    """Banks large enough for the grouped selection path (block 512 = 32 groups of 16), duplicates and ties."""
+    rng = np.random.default_rng(7)
+    bank = rng.integers(-3, 4, size=(1500, 8)).astype(np.float32)  # small integer grid: many exact ties
+    bank[100:140] = bank[5]
+    queries = np.concatenate([bank[:20], rng.integers(-3, 4, size=(43, 8)).astype(np.float32)])
+    ref = brute_sq_dists(queries, bank)
+    d, i = dn2.knn(queries, bank, k, block_size=512, query_block=32)
+    assert_same_neighbours(d, i, ref, k)
+    # ties resolve to the lower index, as a stable sort of the reference would
+    want_i = np.argsort(ref, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(i), want_i)
+    loo = np.asarray(dn2.self_knn_score(bank, k, block_size=512, query_block=64))
+    np.fill_diagonal(ref_self := brute_sq_dists(bank, bank), np.inf)
+    np.testing.assert_allclose(loo, np.sort(ref_self, axis=1)[:, :k].mean(1), rtol=1e-6, atol=1e-6)
