@@ -144,8 +144,26 @@ def _block_starts(total: int, block: int) -> np.ndarray:
     return np.minimum(starts, total - block).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_size", "query_block"))
-def _knn_blocked(queries, bank, bank_sq, exclude, *, k: int, block_size: int, query_block: int):
+@functools.partial(
+    jax.jit, static_argnames=("k", "block_size", "query_block", "recall_target", "reduction_size")
+)
+def _knn_blocked(
+    queries,
+    bank,
+    bank_sq,
+    exclude,
+    *,
+    k: int,
+    block_size: int,
+    query_block: int,
+    recall_target: float | None = None,
+    reduction_size: int | None = None,
+):
+    """The blocked kNN kernel: (M, k) ascending squared distances and bank row indices.
+
+    ``recall_target`` (opt-in) reduces each tile with ``lax.approx_min_k`` (TPU-KNN; approximate on TPU
+    only, an exact top-k elsewhere), with ``reduction_size`` the bank size its recall refers to.
+    """
     n, m = bank.shape[0], queries.shape[0]
     b = _balanced_block(n, block_size, _GROUP)
     qb = _balanced_block(m, query_block, 8)
@@ -169,7 +187,12 @@ def _knn_blocked(queries, bank, bank_sq, exclude, *, k: int, block_size: int, qu
             # Rows of a shifted last block that an earlier block already covered, and excluded points.
             invalid = (col < first_new) | (col == q_excl)
             d = jnp.where(invalid, jnp.inf, d)
-            cand_d, pos = _block_topk(d, block_k)
+            if recall_target is None:
+                cand_d, pos = _block_topk(d, block_k)
+            else:
+                cand_d, pos = lax.approx_min_k(
+                    d, block_k, recall_target=recall_target, reduction_input_size_override=reduction_size or -1
+                )
             return _merge_topk(best_d, best_i, cand_d, start + pos.astype(jnp.int32), k), None
 
         init = (jnp.full((qb, k), jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dn2_jax.errors import DN2Error
-from dn2_jax.knn import BLOCK_SIZE, QUERY_BLOCK, _as_features, _block_starts, _check_k, _knn_blocked
+from dn2_jax.knn import BLOCK_SIZE, QUERY_BLOCK, _as_features, _check_k, _knn_blocked
 
 Array = jax.Array
 
@@ -195,51 +195,6 @@ def _replicated(x, mesh: Mesh) -> Array:
 # Kernels.
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_size", "query_block", "recall_target", "input_size"))
-def _approx_blocked(queries, bank, bank_sq, *, k, block_size, query_block, recall_target, input_size):
-    """Like ``knn._knn_blocked`` but each (query block x bank block) tile is reduced by lax.approx_min_k.
-
-    On TPU this is the TPU-KNN partial reduction (recall ~ ``recall_target``); on other backends XLA
-    lowers approx_min_k to an exact top-k. Returns (M, k) distances and local row indices.
-    """
-    n, m = bank.shape[0], queries.shape[0]
-    b, qb = min(block_size, n), min(query_block, m)
-    bank_starts = jnp.asarray(_block_starts(n, b))
-    query_starts = jnp.asarray(_block_starts(m, qb))
-    block_k = min(k, b)
-
-    def one_query_block(carry, q_start):
-        out_d, out_i = carry
-        q = lax.dynamic_slice_in_dim(queries, q_start, qb).astype(jnp.float32)
-        q_sq = jnp.sum(q * q, axis=1, keepdims=True)
-
-        def scan_bank(best, xs):
-            start, first_new = xs
-            blk = lax.dynamic_slice_in_dim(bank, start, b).astype(jnp.float32)
-            blk_sq = lax.dynamic_slice_in_dim(bank_sq, start, b)
-            cross = jnp.dot(q, blk.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-            d = jnp.maximum(q_sq - 2.0 * cross + blk_sq[None, :], 0.0)
-            col = start + jnp.arange(b, dtype=jnp.int32)[None, :]
-            d = jnp.where(col < first_new, jnp.inf, d)  # rows a shifted last block already covered
-            cand_d, pos = lax.approx_min_k(
-                d, block_k, recall_target=recall_target, reduction_input_size_override=input_size
-            )
-            cand_i = start + pos.astype(jnp.int32)
-            merged = (jnp.concatenate([best[0], cand_d], 1), jnp.concatenate([best[1], cand_i], 1))
-            return _sorted_topk(*merged, k), None
-
-        init = (jnp.full((qb, k), jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
-        first_new = jnp.arange(bank_starts.shape[0], dtype=jnp.int32) * b
-        (d, i), _ = lax.scan(scan_bank, init, (bank_starts, first_new))
-        out_d = lax.dynamic_update_slice_in_dim(out_d, d, q_start, axis=0)
-        out_i = lax.dynamic_update_slice_in_dim(out_i, i, q_start, axis=0)
-        return (out_d, out_i), None
-
-    init = (jnp.zeros((m, k), jnp.float32), jnp.zeros((m, k), jnp.int32))
-    (out_d, out_i), _ = lax.scan(one_query_block, init, query_starts)
-    return out_d, out_i
-
-
 def _sorted_topk(d: Array, i: Array, k: int) -> tuple[Array, Array]:
     """The k smallest of (rows of) candidate lists, ascending, lower row id first on equal distance."""
     d, i = lax.sort((d, i), dimension=1, num_keys=2)
@@ -254,20 +209,9 @@ def _sharded_knn(
 ):
     def local(q, r, sq, ids):
         kl = min(k, r.shape[0])  # a shard may hold fewer rows than k; padding makes up the rest
-        if recall_target is None:
-            none = jnp.full((q.shape[0],), -1, jnp.int32)
-            d, i = _knn_blocked(q, r, sq, none, k=kl, block_size=max(block_size, kl), query_block=query_block)
-        else:
-            d, i = _approx_blocked(
-                q,
-                r,
-                sq,
-                k=kl,
-                block_size=max(block_size, kl),
-                query_block=query_block,
-                recall_target=recall_target,
-                input_size=n_pad,
-            )
+        none = jnp.full((q.shape[0],), -1, jnp.int32)
+        d, i = _knn_blocked(q, r, sq, none, k=kl, block_size=max(block_size, kl), query_block=query_block,
+                            recall_target=recall_target, reduction_size=n_pad)
         gid = jnp.take(ids, i)
         d = jnp.where(gid < 0, jnp.inf, d)
         all_d = lax.all_gather(d, axis, axis=1, tiled=True)  # (M, devices * kl)
