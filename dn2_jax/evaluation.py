@@ -420,7 +420,7 @@ def _jsonable(x):
 
 def _savefig(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     return path
 
@@ -433,7 +433,7 @@ def _plot_roc(path: Path, per_class: list[ClassResult]) -> Path:
 
     from dn2_jax.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = plt.subplots(figsize=(6, 5.5), layout="constrained")
     for r in per_class:
         fpr, tpr, _ = roc_curve(r.scores, r.labels)
         ax.plot(fpr, tpr, lw=1.2, label=f"{r.name} ({100 * r.auc:.1f})")
@@ -454,7 +454,7 @@ def _plot_hist(path: Path, per_class: list[ClassResult]) -> Path:
     n = len(per_class)
     cols = min(n, 5)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, layout="constrained")
     for ax, r in zip(axes.ravel(), per_class, strict=False):
         bins = np.histogram_bin_edges(r.scores, bins=40)
         ax.hist(r.scores[r.labels == 0], bins=bins, alpha=0.6, density=True, label="normal")

@@ -161,6 +161,8 @@ def _knn_blocked(
 ):
     """The blocked kNN kernel: (M, k) ascending squared distances and bank row indices.
 
+    ``exclude``: None, or (M,) int32 bank row that each query must not return (-1 = none).
+
     ``recall_target`` (opt-in) reduces each tile with ``lax.approx_min_k`` (TPU-KNN; approximate on TPU
     only, an exact top-k elsewhere), with ``reduction_size`` the bank size its recall refers to.
     """
@@ -174,19 +176,22 @@ def _knn_blocked(
     def one_query_block(q_start):
         q = lax.dynamic_slice_in_dim(queries, q_start, qb).astype(jnp.float32)
         q_sq = jnp.sum(q * q, axis=1, keepdims=True)
-        q_excl = lax.dynamic_slice_in_dim(exclude, q_start, qb)[:, None]
+        q_m2 = -2.0 * q  # exact (a power of two): the tile is then one matmul plus one add
+        if exclude is not None:
+            q_excl = lax.dynamic_slice_in_dim(exclude, q_start, qb)[:, None]
 
         def scan_bank(carry, xs):
             best_d, best_i = carry
             start, first_new = xs
             blk = lax.dynamic_slice_in_dim(bank, start, b).astype(jnp.float32)
-            blk_sq = lax.dynamic_slice_in_dim(bank_sq, start, b)
-            cross = jnp.dot(q, blk.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-            d = jnp.maximum(q_sq - 2.0 * cross + blk_sq[None, :], 0.0)
-            col = start + jnp.arange(b, dtype=jnp.int32)[None, :]
-            # Rows of a shifted last block that an earlier block already covered, and excluded points.
-            invalid = (col < first_new) | (col == q_excl)
-            d = jnp.where(invalid, jnp.inf, d)
+            col = start + jnp.arange(b, dtype=jnp.int32)
+            # Rows of a shifted last block that an earlier block already covered never win: +inf norm.
+            blk_sq = jnp.where(col < first_new, jnp.inf, lax.dynamic_slice_in_dim(bank_sq, start, b))
+            # ||b||^2 - 2 q.b: the distance less ||q||^2, which is constant per query (added at the end).
+            cross = jnp.dot(q_m2, blk.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            d = cross + blk_sq[None, :]
+            if exclude is not None:
+                d = jnp.where(col[None, :] == q_excl, jnp.inf, d)
             if recall_target is None:
                 cand_d, pos = _block_topk(d, block_k)
             else:
@@ -198,7 +203,7 @@ def _knn_blocked(
         init = (jnp.full((qb, k), jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
         first_new = jnp.arange(bank_starts.shape[0], dtype=jnp.int32) * b
         (best_d, best_i), _ = lax.scan(scan_bank, init, (bank_starts, first_new))
-        return best_d, best_i
+        return jnp.maximum(best_d + q_sq, 0.0), best_i
 
     def scan_queries(carry, q_start):
         out_d, out_i = carry
@@ -264,15 +269,13 @@ def knn(
         bank_sq_norms = squared_norms(bank)
     elif tuple(bank_sq_norms.shape) != (bank.shape[0],):
         raise DN2Error(f"bank_sq_norms must have shape ({bank.shape[0]},), got {tuple(bank_sq_norms.shape)}")
-    if exclude is None:
-        exclude = jnp.full((queries.shape[0],), -1, jnp.int32)
-    elif tuple(exclude.shape) != (queries.shape[0],):
+    if exclude is not None and tuple(exclude.shape) != (queries.shape[0],):
         raise DN2Error(f"exclude must have shape ({queries.shape[0]},), got {tuple(exclude.shape)}")
     return _knn_blocked(
         queries,
         bank,
         jnp.asarray(bank_sq_norms, jnp.float32),
-        jnp.asarray(exclude, jnp.int32),
+        None if exclude is None else jnp.asarray(exclude, jnp.int32),
         k=k,
         block_size=max(int(block_size), k),
         query_block=int(query_block),

@@ -209,8 +209,7 @@ def _sharded_knn(
 ):
     def local(q, r, sq, ids):
         kl = min(k, r.shape[0])  # a shard may hold fewer rows than k; padding makes up the rest
-        none = jnp.full((q.shape[0],), -1, jnp.int32)
-        d, i = _knn_blocked(q, r, sq, none, k=kl, block_size=max(block_size, kl), query_block=query_block,
+        d, i = _knn_blocked(q, r, sq, None, k=kl, block_size=max(block_size, kl), query_block=query_block,
                             recall_target=recall_target, reduction_size=n_pad)
         gid = jnp.take(ids, i)
         d = jnp.where(gid < 0, jnp.inf, d)
