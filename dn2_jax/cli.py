@@ -178,7 +178,7 @@ def cmd_fit(args) -> None:
 def cmd_score(args) -> None:
     import dn2_jax as dn2
     from dn2_jax import store
-    from dn2_jax.data import decode_image, load_dataset
+    from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, load_dataset
 
     bank_store = store.open_store(args.bank)
     meta = bank_store.metadata
@@ -190,9 +190,12 @@ def cmd_score(args) -> None:
         queries, names = q_store.embeddings(), [str(i) for i in q_store.ids]
     else:
         if args.images:
-            paths = sorted(str(p) for p in Path(args.images).rglob("*") if p.is_file())
+            if not Path(args.images).is_dir():
+                raise DN2Error(f"--images '{args.images}' is not a directory")
+            paths = sorted(str(p) for p in Path(args.images).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not paths:
-                raise DN2Error(f"no image files under '{args.images}'")
+                raise DN2Error(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under '{args.images}'")
             images, names = [decode_image(p) for p in paths], paths
         else:
             ds = load_dataset(args.dataset, args.split, args.data_dir)
