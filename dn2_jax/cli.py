@@ -17,7 +17,7 @@ from dn2_jax.errors import DN2Error
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dn2-jax")
 # The main job on the offline default: a subsample sized to finish in a few minutes on 2 CPU cores.
-QUICK = {"bank_size": 200, "test_size": 2000}
+QUICK = {"bank_size": 100, "test_size": 1000}
 
 
 def _classes(text: str | None) -> tuple[int, ...] | None:

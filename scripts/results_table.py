@@ -85,12 +85,12 @@ def ablations() -> None:
     res = [(n, r) for n, r in res if r]
     if res:
         print("\n**Resolution and normalisation** (Fashion-MNIST, 200 train images per class, 2000 test):\n")
-        print("| input | features | mean ROC-AUC | embedding time (s) |")
-        print("|---|---|---|---|")
+        print("| input | features | mean ROC-AUC |")
+        print("|---|---|---|")
         for name, r in res:
             size = name.split("-")[1]
             norm = "raw" if name.endswith("raw") else "L2"
-            print(f"| {size}² | {norm} | {pct(r['mean'])} | {r['timings'].get('embed_s', 0):.0f} |")
+            print(f"| {size}² | {norm} | {pct(r['mean'])} |")
 
 
 if __name__ == "__main__":

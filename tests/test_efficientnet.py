@@ -104,3 +104,16 @@ def test_fingerprint():
     c = {"params": dict(a["params"]), "batch_stats": a["batch_stats"]}
     c["params"]["head"] = c["params"].pop("fc")  # same values under another path
     assert fingerprint(c) != fingerprint(a)
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (9, 3, 2), (10, 5, 2), (7, 5, 1), (8, 3, 2)])
+def test_shifted_depthwise_conv_equals_grouped_convolution(size, kernel, stride):
+    from dn2_jax.models.efficientnet import depthwise_conv
+
+    rng = np.random.default_rng(size + kernel + stride)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)).astype(np.float32))
+    want = depthwise_conv(x, w, stride, shifted=False)
+    got = depthwise_conv(x, w, stride, shifted=True)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
