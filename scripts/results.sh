@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces every figure in the README's Results section (2-core CPU: about 1.5 hours, mostly embedding the
+# Reproduces every figure in the README's Results section (2-core CPU: about 1.5 hours when those figures were made, mostly
 # full Fashion-MNIST and MNIST splits once; later runs reuse the cached embedding stores).
 # Usage: scripts/results.sh [OUT_DIR]   (default runs/)
 set -euo pipefail
