@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces every figure in the README's Results section (2-core CPU: about 1.5 hours when those figures were made, mostly
-# full Fashion-MNIST and MNIST splits once; later runs reuse the cached embedding stores).
+# Reproduces every figure in the README's Results section (2-core CPU: about 1.5 hours when those figures
+# were made, mostly embedding the full Fashion-MNIST and MNIST splits once; later runs reuse the cached stores).
 # Usage: scripts/results.sh [OUT_DIR]   (default runs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
