@@ -49,11 +49,12 @@ STORE_KEYS = (
     "chunk_size",
     "dn2_jax_version",
     "created",
+    "process_index",
     "process_count",
     "device_count",
 )
 # Keys that describe the writer rather than the data: ignored when a run resumes another's store.
-_WRITER_KEYS = ("dim", "dn2_jax_version", "created", "process_count", "device_count")
+_WRITER_KEYS = ("dim", "dn2_jax_version", "created", "process_index", "process_count", "device_count")
 REQUIRED_KEYS = ("backbone", "fingerprint", "preset", "dataset", "split")
 
 
@@ -190,6 +191,7 @@ def _new_manifest(
         "chunk_size": chunk_size,
         "dn2_jax_version": _version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "process_index": jax.process_index(),  # per-process stores of a multi-host job: which share this is
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }
@@ -251,8 +253,8 @@ class EmbeddingStore:
 
     Attributes:
       path: the store directory.
-      metadata: caller metadata plus count, dim, dtype, chunk_size, dn2_jax_version, created, process_count,
-        device_count (of the writer).
+      metadata: caller metadata plus count, dim, dtype, chunk_size, dn2_jax_version, created, process_index,
+        process_count, device_count (of the writer).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
