@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def _classes(cfg: EvalConfig, n_classes: int, class_names: Sequence[str]) -> lis
     return list(cfg.classes)
 
 
-def _run_semi(cfg, train, test, classes, extract, log) -> list[ClassResult]:
+def _run_semi(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
     n_classes = len(train.class_names)
     if cfg.dataset.startswith("mvtec:"):
         splits = {0: protocols.mvtec_split(train.labels, test.labels)}
@@ -255,19 +255,12 @@ def _run_semi(cfg, train, test, classes, extract, log) -> list[ClassResult]:
         _check_k_fits(cfg.k, len(split.bank), f"of class '{names[c]}'")
     train_of = _embedder(extract, log, train, [s.bank for s in splits.values()])
     test_of = _embedder(extract, log, test, [s.test for s in splits.values()])
-    out = []
-    t0 = time.perf_counter()
     for c, split in splits.items():
         scores = _score(test_of(split.test), train_of(split.bank), cfg.k)
-        res = ClassResult(names[c], _auc(scores, split.test_anomaly), scores, split.test_anomaly,
-                          len(split.bank))
-        log.row(res)
-        out.append(res)
-    log.timing("score_s", time.perf_counter() - t0)
-    return out
+        yield ClassResult(names[c], _auc(scores, split.test_anomaly), scores, split.test_anomaly, len(split.bank))
 
 
-def _run_unsupervised(cfg, train, test, classes, extract, log) -> list[ClassResult]:
+def _run_unsupervised(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
     n_classes = len(train.class_names)
     banks = {
         c: protocols.contaminated_bank(
@@ -288,8 +281,6 @@ def _run_unsupervised(cfg, train, test, classes, extract, log) -> list[ClassResu
             raise DN2Error(f"k={cfg.k} needs a bank of at least {cfg.k + 1} images for cleaning, got {n}")
     train_of = _embedder(extract, log, train, [b.bank for b in banks.values()])
     test_of = _embedder(extract, log, test, [t.test for t in tests.values()])
-    out = []
-    t0 = time.perf_counter()
     for c in classes:
         b, t = banks[c], tests[c]
         bank, queries = train_of(b.bank), test_of(t.test)
@@ -300,15 +291,11 @@ def _run_unsupervised(cfg, train, test, classes, extract, log) -> list[ClassResu
             kept = np.asarray(clean(bank, cfg.k, cfg.clean_fraction))
             extra["contaminants_after_cleaning"] = int(b.contaminant[kept].sum())
             scores = _score(queries, bank[kept], cfg.k)
-        res = ClassResult(train.class_names[c], _auc(scores, t.test_anomaly), scores, t.test_anomaly,
-                          len(b.bank), extra)
-        log.row(res)
-        out.append(res)
-    log.timing("score_s", time.perf_counter() - t0)
-    return out
+        yield ClassResult(train.class_names[c], _auc(scores, t.test_anomaly), scores, t.test_anomaly, len(b.bank),
+                          extra)
 
 
-def _run_group(cfg, train, test, classes, extract, log) -> list[ClassResult]:
+def _run_group(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
     n_classes = len(train.class_names)
     if cfg.group_size > n_classes:
         raise DN2Error(f"group_size={cfg.group_size} exceeds the {n_classes} classes of {cfg.dataset}")
@@ -323,8 +310,6 @@ def _run_group(cfg, train, test, classes, extract, log) -> list[ClassResult]:
         ))
     train_of = _embedder(extract, log, train, [s for _, s, _ in configs.values()])
     test_of = _embedder(extract, log, test, [g.sets for _, _, g in configs.values()])
-    out = []
-    t0 = time.perf_counter()
     for group_classes, train_sets, groups in configs.values():
         tr, te = train_of(train_sets), test_of(groups.sets)  # (G, M, D)
         scores = _score(np.asarray(pool_groups(te)), np.asarray(pool_groups(tr)), cfg.k)
@@ -333,11 +318,7 @@ def _run_group(cfg, train, test, classes, extract, log) -> list[ClassResult]:
         flat = _score(te.reshape(-1, te.shape[-1]), point_bank, cfg.k).reshape(te.shape[:2])
         extra = {"auc_pointwise": _auc(flat.mean(1), groups.anomaly)}
         name = "+".join(train.class_names[g] for g in group_classes)
-        res = ClassResult(name, _auc(scores, groups.anomaly), scores, groups.anomaly, len(train_sets), extra)
-        log.row(res)
-        out.append(res)
-    log.timing("score_s", time.perf_counter() - t0)
-    return out
+        yield ClassResult(name, _auc(scores, groups.anomaly), scores, groups.anomaly, len(train_sets), extra)
 
 
 # --------------------------------------------------------------------------------------------------- runner
@@ -359,7 +340,12 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print) -> 
     log.timing("load_s", time.perf_counter() - t0)
     run = {"semi": _run_semi, "unsupervised": _run_unsupervised, "group": _run_group}[cfg.mode]
     log.print(f"DN2 {cfg.mode} on {cfg.dataset} with {cfg.backbone}, k={cfg.k}")
-    results = run(cfg, train, test, classes, extract, log)
+    # Runners validate, embed (timed as embed_s) and then yield one result per class as it is scored.
+    results, t0, embed_before = [], time.perf_counter(), log.timings.get("embed_s", 0.0)
+    for res in run(cfg, train, test, classes, extract, log):
+        log.row(res)
+        results.append(res)
+    log.timing("score_s", time.perf_counter() - t0 - (log.timings.get("embed_s", 0.0) - embed_before))
     log.timing("total_s", time.perf_counter() - t_start)
     mean = float(np.mean([r.auc for r in results]))
     log.print(f"  {'mean':<32} ROC-AUC {100 * mean:6.2f}")
