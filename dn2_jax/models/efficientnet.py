@@ -74,8 +74,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, *, shifted: boo
     """k×k depthwise convolution, TF/XLA 'SAME' padding: (N, H, W, C), kernel (k, k, 1, C) -> (N, h, w, C).
 
     ``shifted`` (default: on CPU) computes it as k² strided slices times a per-channel weight, summed; XLA:CPU
-    runs that 6-30x faster than its grouped convolution (`benchmarks/backbones.py`), with the same result
-    up to float32 summation order. Elsewhere the grouped ``lax.conv`` is used.
+    runs that much faster than its grouped convolution (Lite0 end to end: 5x, `benchmarks/backbones.py`), with
+    the same result up to float32 summation order. Elsewhere the grouped ``lax.conv`` is used.
     """
     if shifted is None:
         shifted = jax.default_backend() == "cpu"
