@@ -14,9 +14,12 @@ from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
 from dn2_jax.knn import (
     clean,
+    fpr_quantile,
+    keep_lowest,
     knn,
     knn_chunks,
     knn_score,
+    l2_normalize,
     pool_groups,
     pool_groups_by_id,
     self_knn_score,
@@ -34,7 +37,16 @@ from dn2_jax.protocols import (
     stratified_subsample,
     train_test_groups,
 )
-from dn2_jax.sharding import approx_knn, data_mesh, shard_bank, sharded_knn, sharded_knn_score
+from dn2_jax.sharding import (
+    approx_knn,
+    data_mesh,
+    shard_bank,
+    sharded_clean,
+    sharded_knn,
+    sharded_knn_score,
+    sharded_self_knn_score,
+    sharded_threshold,
+)
 from dn2_jax.store import (
     EmbeddingStore,
     IncompleteStoreError,
@@ -46,12 +58,13 @@ from dn2_jax.store import (
 from dn2_jax.torch_io import load_state_dict
 
 __all__ = [
-    "BACKBONES", "DATASET_NAMES", "PRESETS", "BackboneSpec", "DN2Error", "DN2FileError", "Dataset",
-    "EmbeddingStore", "EvalConfig", "IncompleteStoreError", "Preset", "approx_knn", "clean", "contaminated_bank",
-    "convert_checkpoint", "data_mesh", "default_weights", "embed", "evaluate", "extract_to_store", "fingerprint",
-    "get_backbone", "init_random_variables", "knn", "knn_chunks", "knn_score", "load_dataset", "load_state_dict",
-    "load_variables", "make_embed_fn", "make_groups", "mvtec_split", "one_class", "open_store", "pool_groups",
-    "pool_groups_by_id", "preprocess", "restore_variables", "roc_auc", "roc_curve", "save_threshold",
-    "save_variables", "self_knn_score", "shard_bank", "sharded_knn", "sharded_knn_score", "squared_norms",
-    "stratified_subsample", "threshold", "train_test_groups", "write_store",
+    "BACKBONES", "DATASET_NAMES", "PRESETS", "BackboneSpec", "DN2Error", "DN2FileError", "Dataset", "EmbeddingStore",
+    "EvalConfig", "IncompleteStoreError", "Preset", "approx_knn", "clean", "contaminated_bank", "convert_checkpoint",
+    "data_mesh", "default_weights", "embed", "evaluate", "extract_to_store", "fingerprint", "fpr_quantile",
+    "get_backbone", "init_random_variables", "keep_lowest", "knn", "knn_chunks", "knn_score", "l2_normalize",
+    "load_dataset", "load_state_dict", "load_variables", "make_embed_fn", "make_groups", "mvtec_split", "one_class",
+    "open_store", "pool_groups", "pool_groups_by_id", "preprocess", "restore_variables", "roc_auc", "roc_curve",
+    "save_threshold", "save_variables", "self_knn_score", "shard_bank", "sharded_clean", "sharded_knn",
+    "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
+    "threshold", "train_test_groups", "write_store",
 ]

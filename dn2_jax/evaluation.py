@@ -25,7 +25,7 @@ import numpy as np
 from dn2_jax import protocols
 from dn2_jax.data import Dataset, load_dataset
 from dn2_jax.errors import DN2Error
-from dn2_jax.knn import clean, knn_score, pool_groups
+from dn2_jax.knn import clean, knn_score, l2_normalize, pool_groups
 from dn2_jax.metrics import roc_auc
 
 MODES = ("semi", "unsupervised", "group")
@@ -140,7 +140,7 @@ class FeatureExtractor:
         indices = np.asarray(indices, np.int64)
         feats = self._features(ds, indices)
         if self.cfg.normalize:
-            feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+            feats = np.asarray(l2_normalize(feats))
         return feats
 
     def _features(self, ds: Dataset, indices: np.ndarray) -> np.ndarray:

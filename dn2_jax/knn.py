@@ -351,7 +351,13 @@ def clean(bank: Array, k: int = 2, fraction: float = 0.5, **knn_kwargs) -> Array
       (N - floor(fraction * N),) int32 indices of the kept points, sorted ascending.
     """
     fraction = _check_fraction(fraction, "fraction")
-    scores = self_knn_score(bank, k, **knn_kwargs)
+    return keep_lowest(self_knn_score(bank, k, **knn_kwargs), fraction)
+
+
+def keep_lowest(scores: Array, fraction: float) -> Array:
+    """Indices (sorted, int32) of the ``N - floor(fraction * N)`` lowest of (N,) ``scores``; ties keep the
+    lower index. The selection step of :func:`clean`, for scores computed elsewhere (e.g. a sharded bank)."""
+    fraction = _check_fraction(fraction, "fraction")
     n = scores.shape[0]
     n_keep = n - int(np.floor(fraction * n))
     order = jnp.argsort(scores, stable=True)  # ties: lower index kept first
@@ -366,8 +372,21 @@ def threshold(bank: Array, k: int = 2, fpr: float = 0.05, **knn_kwargs) -> Array
     ``knn_score(query, bank, k) > threshold``. Returns a float32 scalar in squared feature units.
     """
     fpr = _check_fraction(fpr, "fpr")
-    scores = self_knn_score(bank, k, **knn_kwargs)
-    return jnp.quantile(scores, 1.0 - fpr, method="higher")
+    return fpr_quantile(self_knn_score(bank, k, **knn_kwargs), fpr)
+
+
+def fpr_quantile(scores: Array, fpr: float) -> Array:
+    """The ``1 - fpr`` quantile (next higher observed value) of (N,) leave-one-out ``scores``: the step of
+    :func:`threshold` for scores computed elsewhere. Float32 scalar, in the units of the scores."""
+    fpr = _check_fraction(fpr, "fpr")
+    return jnp.quantile(jnp.asarray(scores), 1.0 - fpr, method="higher")
+
+
+def l2_normalize(features: Array) -> Array:
+    """(N, D) -> (N, D) float32 rows scaled to unit L2 norm (all-zero rows stay zero). Applied to bank and
+    queries alike before kNN, it makes the squared distance ``2 - 2 cos``: DN2 on cosine similarity."""
+    x = jnp.asarray(features, jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def pool_groups(features: Array, mask: Array | None = None) -> Array:

@@ -15,6 +15,12 @@ process, then :func:`shard_bank` with the rows *this process* holds (e.g. the em
 ``jax.process_index()`` slice of the dataset). Global row ids follow process order: process 0's rows,
 then process 1's, and so on. Every process calls :func:`sharded_knn` with the same queries and gets the
 same replicated result.
+
+Leave-one-out (the unsupervised cleaning stage and thresholds at ImageNet scale):
+:func:`sharded_self_knn_score` scores every bank row against all other rows, streaming the bank's own rows
+as queries in chunks of ``query_chunk`` rows (each chunk is replicated, the bank never is);
+:func:`sharded_clean` and :func:`sharded_threshold` build on it as :func:`dn2_jax.knn.clean` and
+:func:`dn2_jax.knn.threshold` do.
 """
 
 from __future__ import annotations
@@ -30,7 +36,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dn2_jax.errors import DN2Error
-from dn2_jax.knn import BLOCK_SIZE, QUERY_BLOCK, _as_features, _check_k, _knn_blocked
+from dn2_jax.knn import (
+    BLOCK_SIZE,
+    QUERY_BLOCK,
+    _as_features,
+    _balanced_block,
+    _block_starts,
+    _check_fraction,
+    _check_k,
+    _knn_blocked,
+    fpr_quantile,
+    keep_lowest,
+)
 
 Array = jax.Array
 
@@ -205,11 +222,18 @@ def _sorted_topk(d: Array, i: Array, k: int) -> tuple[Array, Array]:
     jax.jit, static_argnames=("mesh", "axis", "k", "block_size", "query_block", "recall_target", "n_pad")
 )
 def _sharded_knn(
-    queries, rows, sq_norms, row_ids, *, mesh, axis, k, block_size, query_block, recall_target, n_pad
+    queries, rows, sq_norms, row_ids, exclude, *, mesh, axis, k, block_size, query_block, recall_target, n_pad
 ):
-    def local(q, r, sq, ids):
+    def local(q, r, sq, ids, excl):
         kl = min(k, r.shape[0])  # a shard may hold fewer rows than k; padding makes up the rest
-        d, i = _knn_blocked(q, r, sq, None, k=kl, block_size=max(block_size, kl), query_block=query_block,
+        if excl is not None:
+            # Global id -> row of this shard (-1 = not here). A shard's real rows carry consecutive ids
+            # (shard_bank pads only after a process's last row), so the row is ``id - ids[0]``.
+            pos = excl - ids[0]
+            here = (excl >= 0) & (pos >= 0) & (pos < r.shape[0])
+            here &= jnp.take(ids, jnp.clip(pos, 0, r.shape[0] - 1)) == excl
+            excl = jnp.where(here, pos, -1)
+        d, i = _knn_blocked(q, r, sq, excl, k=kl, block_size=max(block_size, kl), query_block=query_block,
                             recall_target=recall_target, reduction_size=n_pad)
         gid = jnp.take(ids, i)
         d = jnp.where(gid < 0, jnp.inf, d)
@@ -220,8 +244,8 @@ def _sharded_knn(
     # check_vma=False: the kernels' scan carries start device-invariant and become device-varying; the
     # outputs are replicated by construction (merged from the all-gathered candidates).
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis)), out_specs=(P(), P()), check_vma=False
-    )(queries, rows, sq_norms, row_ids)
+        local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis), P()), out_specs=(P(), P()), check_vma=False
+    )(queries, rows, sq_norms, row_ids, exclude)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -238,6 +262,7 @@ def sharded_knn(
     block_size: int = BLOCK_SIZE,
     query_block: int = QUERY_BLOCK,
     approx_recall: float | None = None,
+    exclude=None,
 ) -> tuple[Array, Array]:
     """Exact (or, opt-in, approximate) kNN with the bank sharded row-wise over a mesh of devices/hosts.
 
@@ -250,6 +275,8 @@ def sharded_knn(
       block_size, query_block: per-device blocking, as in :func:`dn2_jax.knn.knn`.
       approx_recall: None for exact search; a recall target in (0, 1) reduces each distance tile with
         ``lax.approx_min_k`` instead, which is approximate on TPU only (exact on CPU and GPU).
+      exclude: optional (M,) int global row id that query i must not return (-1 = none), the same on every
+        process; leave-one-out scoring excludes a point by id, as in :func:`dn2_jax.knn.knn`.
 
     Returns:
       (sq_dists, indices), both (M, k) and replicated on every device: ascending squared distances
@@ -269,11 +296,20 @@ def sharded_knn(
             raise DN2Error(f"{name} must be a positive integer, got {value!r}")
     if approx_recall is not None and not 0.0 < float(approx_recall) < 1.0:
         raise DN2Error(f"approx_recall must be in the open interval (0, 1) or None, got {approx_recall}")
+    if exclude is not None:
+        if tuple(exclude.shape) != (queries.shape[0],) or not jnp.issubdtype(exclude.dtype, jnp.integer):
+            raise DN2Error(
+                f"exclude must be an integer array of shape ({queries.shape[0]},), got "
+                f"{exclude.dtype} {tuple(exclude.shape)}"
+            )
+        exclude = _replicated(exclude if isinstance(exclude, jax.Array) else np.asarray(exclude, np.int32),
+                              bank.mesh).astype(jnp.int32)
     return _sharded_knn(
         _replicated(queries, bank.mesh),
         bank.rows,
         bank.sq_norms,
         bank.row_ids,
+        exclude,
         mesh=bank.mesh,
         axis=bank.axis,
         k=k,
@@ -288,6 +324,63 @@ def sharded_knn_score(queries, bank, k: int = 2, **kwargs) -> Array:
     """DN2 score (M,) against a sharded bank: mean squared distance to the k nearest rows (replicated)."""
     sq_dists, _ = sharded_knn(queries, bank, k, **kwargs)
     return jnp.mean(sq_dists, axis=1)
+
+
+#: Bank rows per leave-one-out query chunk (replicated on every device: 64 MB at D = 2048, float32).
+QUERY_CHUNK = 8192
+
+
+@functools.partial(jax.jit, static_argnames=("size", "out_sharding"))
+def _take_rows(rows, row_ids, start, *, size, out_sharding):
+    take = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=size)
+    return jax.lax.with_sharding_constraint((take(rows), take(row_ids)), out_sharding)
+
+
+def _local_copy(x: Array) -> np.ndarray:
+    """This process's full copy of a replicated array (works across processes, unlike np.asarray)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def sharded_self_knn_score(
+    bank, k: int = 2, *, mesh: Mesh | None = None, axis: str = DATA_AXIS, query_chunk: int = QUERY_CHUNK,
+    **kwargs,
+) -> np.ndarray:
+    """(N,) leave-one-out DN2 score of every row of a sharded bank against all *other* rows, in global row
+    order, on every process (host float32 array, squared feature units). As :func:`dn2_jax.knn.self_knn_score`
+    (the row itself is excluded by id, so duplicates still count); requires 1 <= k <= N - 1.
+
+    The bank's rows are scored ``query_chunk`` at a time (each chunk replicated to all devices), so memory per
+    device is the bank shard plus one chunk. ``kwargs`` go to :func:`sharded_knn` (block sizes, approx_recall).
+    """
+    if not isinstance(bank, ShardedBank):
+        bank = shard_bank(bank, mesh, axis=axis)
+    k = _check_k(k, bank.size - 1, "the bank size minus one (leave-one-out)")
+    if isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer)) or query_chunk < 1:
+        raise DN2Error(f"query_chunk must be a positive integer, got {query_chunk!r}")
+    n_pad = int(bank.rows.shape[0])
+    chunk = _balanced_block(n_pad, int(query_chunk))
+    replicated = NamedSharding(bank.mesh, P())
+    scores, row_ids = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.int32)
+    for start in _block_starts(n_pad, chunk):  # the last chunk is shifted back: a few rows are scored twice
+        q, ids = _take_rows(bank.rows, bank.row_ids, jnp.int32(start), size=chunk, out_sharding=replicated)
+        d, _ = sharded_knn(q, bank, k, exclude=ids, **kwargs)
+        scores[start : start + chunk] = _local_copy(jnp.mean(d, axis=1))
+        row_ids[start : start + chunk] = _local_copy(ids)
+    return scores[row_ids >= 0]  # ids ascend with position: global row order
+
+
+def sharded_clean(bank, k: int = 2, fraction: float = 0.5, **kwargs) -> np.ndarray:
+    """Cleaning stage on a sharded bank: int32 global ids (sorted) of the rows kept after dropping the
+    ``floor(fraction * N)`` with the largest leave-one-out score, as :func:`dn2_jax.knn.clean`."""
+    fraction = _check_fraction(fraction, "fraction")
+    return np.asarray(keep_lowest(jnp.asarray(sharded_self_knn_score(bank, k, **kwargs)), fraction))
+
+
+def sharded_threshold(bank, k: int = 2, fpr: float = 0.05, **kwargs) -> float:
+    """Decision threshold at a target false-positive rate for a sharded bank, as :func:`dn2_jax.knn.threshold`
+    (squared feature units)."""
+    fpr = _check_fraction(fpr, "fpr")
+    return float(fpr_quantile(sharded_self_knn_score(bank, k, **kwargs), fpr))
 
 
 def approx_knn(queries, bank, k: int, *, recall_target: float = 0.95, **kwargs) -> tuple[Array, Array]:

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--k", type=int, default=2)
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="L2-normalise features before kNN, as `dn2 eval` does by default")
     p.add_argument("--classes", help="normal classes, e.g. 0,3 (default: all)")
     p.add_argument("--bank-size", type=int, help="train images per class (default: all)")
     p.add_argument("--test-size", type=int, help="test images (default: all)")
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from dn2_jax.convert import load_variables
     from dn2_jax.data import load_dataset
     from dn2_jax.embedding import make_embed_fn
+    from dn2_jax.knn import l2_normalize
     from dn2_jax.metrics import roc_auc
     from dn2_jax.models import init_random_variables
     from dn2_jax.sharding import data_mesh, shard_bank, sharded_knn_score
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     def embed_share(images, idx: np.ndarray) -> np.ndarray:
         """Features of this process's slice of ``idx`` (in order)."""
         mine = np.array_split(idx, n_proc)[pid]
-        return embed(np.asarray(images[mine]))
+        feats = embed(np.asarray(images[mine]))
+        return np.asarray(l2_normalize(feats)) if args.normalize else feats
 
     def gather(local: np.ndarray, total: int) -> np.ndarray:
         """Concatenation over processes of their (uneven) array_split slices: (total, D) on every process."""
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"class {c} ({train.class_names[c]}): ROC-AUC {auc:.4f}", file=sys.stderr, flush=True)
     results = {
         "dataset": args.dataset, "backbone": args.backbone, "k": args.k, "dtype": args.dtype,
-        "approx_recall": args.approx_recall, "process_count": n_proc, "device_count": jax.device_count(),
+        "approx_recall": args.approx_recall, "normalize": args.normalize, "process_count": n_proc,
+        "device_count": jax.device_count(),
         "devices": jax.devices()[0].device_kind, "mean_auc": float(np.mean([r["auc"] for r in per_class])),
         "per_class": per_class, "embed_and_score_s": time.perf_counter() - t0,
         "total_s": time.perf_counter() - t_start,

@@ -30,8 +30,16 @@ def run_devices(out: str) -> None:
     import jax
 
     from dn2_jax.errors import DN2Error
-    from dn2_jax.knn import knn
-    from dn2_jax.sharding import approx_knn, data_mesh, shard_bank, sharded_knn, sharded_knn_score
+    from dn2_jax.knn import clean, knn, self_knn_score
+    from dn2_jax.sharding import (
+        approx_knn,
+        data_mesh,
+        shard_bank,
+        sharded_clean,
+        sharded_knn,
+        sharded_knn_score,
+        sharded_self_knn_score,
+    )
 
     bank, queries = bank_and_queries()
     mesh = data_mesh()
@@ -56,6 +64,11 @@ def run_devices(out: str) -> None:
     d_a, i_a = approx_knn(queries, sb, 5, recall_target=0.9, block_size=4)
     d5, i5 = knn(queries, bank, 5)
     res.update({"approx_d": d_a, "approx_i": i_a, "ref_d5": d5, "ref_i5": i5})
+    # Leave-one-out over the sharded bank (duplicates on other shards still count), chunks of 5 rows.
+    for k in (1, 2, 28):
+        res[f"loo{k}"] = sharded_self_knn_score(sb, k, query_chunk=5, block_size=4)
+        res[f"ref_loo{k}"] = self_knn_score(bank, k)
+    res["clean"], res["ref_clean"] = sharded_clean(sb, 2, 0.3), clean(bank, 2, 0.3)
     try:
         sharded_knn(queries, sb, bank.shape[0] + 1)
         res["k_too_large_raises"] = np.bool_(False)
@@ -70,7 +83,7 @@ def run_hosts(out: str, port: int, pid: int, nproc: int) -> None:
     initialize_distributed(f"127.0.0.1:{port}", nproc, pid, timeout_s=60)
     import jax
 
-    from dn2_jax.sharding import shard_bank, sharded_knn, sharded_knn_score
+    from dn2_jax.sharding import shard_bank, sharded_knn, sharded_knn_score, sharded_self_knn_score
 
     bank, queries = bank_and_queries()
     bounds = np.linspace(0, bank.shape[0], nproc + 1).astype(int)
@@ -79,6 +92,7 @@ def run_hosts(out: str, port: int, pid: int, nproc: int) -> None:
     sb = shard_bank(local)
     d, i = sharded_knn(queries, sb, 3, block_size=4, query_block=4)
     score = sharded_knn_score(queries, sb, 2)
+    loo = sharded_self_knn_score(sb, 2, query_chunk=6)
     # Queries that are themselves spread over the processes (4 rows each, 2 per device).
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -95,6 +109,7 @@ def run_hosts(out: str, port: int, pid: int, nproc: int) -> None:
         d=np.asarray(d),
         i=np.asarray(i),
         score=np.asarray(score),
+        loo=loo,
         d_sharded_q=np.asarray(d_sharded_q),
         i_sharded_q=np.asarray(i_sharded_q),
     )

@@ -233,3 +233,13 @@ def test_two_stage_block_selection_on_larger_banks_with_ties(k):
     loo = np.asarray(dn2.self_knn_score(bank, k, block_size=512, query_block=64))
     np.fill_diagonal(ref_self := brute_sq_dists(bank, bank), np.inf)
     np.testing.assert_allclose(loo, np.sort(ref_self, axis=1)[:, :k].mean(1), rtol=1e-6, atol=1e-6)
+
+
+def test_l2_normalize_and_score_helpers():
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]], np.float32)
+    np.testing.assert_allclose(dn2.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]], rtol=1e-6)
+    scores = np.array([0.5, 3.0, 0.5, 9.0, 1.0], np.float32)
+    np.testing.assert_array_equal(dn2.keep_lowest(scores, 0.4), [0, 2, 4])  # drops floor(0.4 * 5) = 2
+    assert float(dn2.fpr_quantile(scores, 0.25)) == 3.0  # at most 25% of the scores lie strictly above
+    with pytest.raises(dn2.DN2Error, match="fraction"):
+        dn2.keep_lowest(scores, 0.0)

@@ -15,8 +15,17 @@ import numpy as np
 import pytest
 
 from dn2_jax.errors import DN2Error
-from dn2_jax.knn import knn
-from dn2_jax.sharding import data_mesh, initialize_distributed, knn_recall, shard_bank, sharded_knn
+from dn2_jax.knn import knn, self_knn_score, threshold
+from dn2_jax.sharding import (
+    data_mesh,
+    initialize_distributed,
+    knn_recall,
+    shard_bank,
+    sharded_clean,
+    sharded_knn,
+    sharded_self_knn_score,
+    sharded_threshold,
+)
 
 WORKER = Path(__file__).with_name("_sharding_worker.py")
 sys.path.insert(0, str(WORKER.parent))
@@ -78,6 +87,16 @@ def test_sharded_score_and_approx_on_cpu(four_devices):
     assert r["k_too_large_raises"]
 
 
+@pytest.mark.parametrize("k", [1, 2, 28])
+def test_leave_one_out_over_four_devices(four_devices, k):
+    r = four_devices
+    assert r[f"loo{k}"].shape == (29,)  # real rows only, in global order
+    np.testing.assert_allclose(r[f"loo{k}"], r[f"ref_loo{k}"], rtol=1e-5, atol=1e-6)
+    if k == 1:  # row 3 has exact duplicates (rows 20, 27) on other shards: its distance is 0, not its own
+        assert r["loo1"][3] == 0 and r["loo1"][20] == 0
+    np.testing.assert_array_equal(r["clean"], r["ref_clean"])
+
+
 def test_device_resident_bank_on_four_devices(four_devices):
     r = four_devices
     assert r["dev_padded_rows"] == 32
@@ -103,6 +122,15 @@ def test_single_device_path_and_validation():
         sharded_knn(queries, sb, 2, approx_recall=1.5)
     with pytest.raises(DN2Error, match="larger than"):
         sharded_knn(queries, sb, 30)
+    with pytest.raises(DN2Error, match="exclude must be"):
+        sharded_knn(queries, sb, 2, exclude=np.zeros(3, np.int32))
+    with pytest.raises(DN2Error, match="minus one"):
+        sharded_self_knn_score(sb, 29)
+    with pytest.raises(DN2Error, match="query_chunk"):
+        sharded_self_knn_score(sb, 2, query_chunk=0)
+    with pytest.raises(DN2Error, match="fraction"):
+        sharded_clean(sb, 2, 1.0)
+    np.testing.assert_allclose(sharded_threshold(sb, 2, 0.1), float(threshold(bank, 2, 0.1)), rtol=1e-6)
     with pytest.raises(DN2Error, match="no axis"):
         shard_bank(bank, data_mesh(axis="model"))
     with pytest.raises(DN2Error, match="together"):
@@ -147,6 +175,7 @@ def test_two_processes_match_one(tmp_path):
     bank, queries = bank_and_queries()
     ref_d, ref_i = knn(queries, bank, 3)
     ref_score = np.asarray(knn(queries, bank, 2)[0]).mean(1)
+    ref_loo = np.asarray(self_knn_score(bank, 2))
     for out, local_rows in zip(outs, (17, 12), strict=True):
         r = np.load(out)
         assert (r["processes"], r["devices"], r["local_devices"]) == (2, 4, 2)
@@ -154,6 +183,7 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_array_equal(r["i"], ref_i)
         np.testing.assert_allclose(r["d"], ref_d, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(r["score"], ref_score, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["loo"], ref_loo, rtol=1e-5, atol=1e-6)  # uneven shares, padded rows
         np.testing.assert_array_equal(r["i_sharded_q"], ref_i[:8])  # queries sharded over processes
         np.testing.assert_allclose(r["d_sharded_q"], ref_d[:8], rtol=1e-5, atol=1e-5)
 
@@ -188,3 +218,37 @@ def test_gpu_check_tiny_mode(tmp_path):
     assert r["knn"]["approx_recall_vs_exact"] == 1.0  # approx_min_k is exact off TPU
     (run,) = r["embed"]["runs"]
     assert run["backbone"] == "efficientnet_lite0" and run["batch"] == 2 and run["images_per_s"] > 0
+
+
+def test_multihost_eval_two_processes_match_single(tmp_path):
+    """scripts/multihost_eval.py: 2 processes on loopback (each embeds half, bank sharded over both) give the
+    same per-class ROC-AUC as --single (tiny subsets of Fashion-MNIST, random weights, 32x32 inputs)."""
+    script = Path(__file__).parents[1] / "scripts" / "multihost_eval.py"
+    common = ["--weights", "random", "--input-size", "32", "--batch-size", "8", "--classes", "0,7",
+              "--bank-size", "24", "--test-size", "40"]
+
+    def launch(out, *extra, devices=1):
+        return subprocess.Popen([sys.executable, str(script), *common, "--out", str(out), *extra], env=_env(devices),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    port = _free_port()
+    procs = [launch(tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                    "--process-id", str(p), devices=2) for p in range(2)]
+    procs.append(launch(tmp_path / "single", "--single"))
+    errors = []
+    try:
+        for p in procs:
+            errors.append(p.communicate(timeout=300)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
+    multi = json.loads((tmp_path / "multi" / "results.json").read_text())
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert (multi["process_count"], multi["device_count"], single["process_count"]) == (2, 4, 1)
+    assert multi["normalize"] and [r["class"] for r in multi["per_class"]] == ["T-shirt/top", "Sneaker"]
+    assert [r["bank"] for r in multi["per_class"]] == [24, 24] and multi["per_class"][0]["test"] == 40
+    for m, s in zip(multi["per_class"], single["per_class"], strict=True):
+        assert m["auc"] == pytest.approx(s["auc"], abs=1e-6) and 0.0 <= m["auc"] <= 1.0
