@@ -30,6 +30,7 @@ import torchvision
 from torch import nn
 
 from dn2_jax import models, torch_io
+from dn2_jax.hostmem import keep_freed_memory
 from dn2_jax.models import resnet
 
 # EfficientNet-Lite0 stages: (expand ratio, kernel, stride, output channels, repeats).
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.25, help="seconds idle before each timed call")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "backbones.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as the dn2 command does (dn2_jax/hostmem.py); before the CPU backend starts
     names = args.models.split(",")
     if unknown := [n for n in names if n not in PAIRS]:
         parser.error(f"--models: unknown {unknown}; known: {list(PAIRS)}")

@@ -39,6 +39,8 @@ import numpy as np
 import psutil
 from jax import lax
 
+from dn2_jax.hostmem import keep_freed_memory  # noqa: E402
+
 KNN = importlib.import_module("dn2_jax.knn")  # the module (``dn2_jax.knn`` the attribute is the function)
 RESULTS = Path(__file__).resolve().parent / "results"
 RTOL = 1e-4
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny grid (N=5k, D=1280, M=2k, k=2): seconds")
     p.add_argument("--out", type=Path, default=RESULTS / "knn.json")
     a = p.parse_args(argv)
+    keep_freed_memory()  # as the dn2 command does (dn2_jax/hostmem.py); before the CPU backend starts
     if a.quick:
         a.n, a.d, a.k, a.m, a.repeats = [5_000], [1280], [2], 2_000, 3
 

@@ -235,6 +235,9 @@ def cmd_convert(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dn2_jax.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

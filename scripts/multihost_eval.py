@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/multihost_eval")
     args = p.parse_args(argv)
 
+    from dn2_jax.hostmem import keep_freed_memory
     from dn2_jax.sharding import initialize_distributed
+
+    keep_freed_memory()  # XLA:CPU's per-batch scratch reused, not page-faulted in again (dn2_jax/hostmem.py)
 
     if not args.single:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
