@@ -25,7 +25,8 @@ def pct(x: float | None) -> str:
 
 def one_class() -> None:
     for ds, title in (("fashion_mnist", "Fashion-MNIST"), ("mnist", "MNIST")):
-        cols = [(f"{ds}-lite0-112", "Lite0, L2 (default)"), (f"{ds}-lite0-112-raw", "Lite0, raw"),
+        cols = [(f"{ds}-lite0-224", "Lite0 224², L2 (default)"), (f"{ds}-lite0-224-raw", "Lite0 224², raw"),
+                (f"{ds}-lite0-112", "Lite0 112², L2"), (f"{ds}-lite0-112-raw", "Lite0 112², raw"),
                 (f"{ds}-pixels", "raw pixels")]
         runs = [(load(name), label) for name, label in cols]
         runs = [(r, label) for r, label in runs if r]
