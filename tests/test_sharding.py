@@ -147,6 +147,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Waits for cooperating processes (killing any left on failure) and asserts they all succeeded."""
+    errors = []
+    try:
+        for p in procs:
+            errors.append(p.communicate(timeout=timeout)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
+
+
 def test_two_processes_match_one(tmp_path):
     """2 processes x 2 CPU devices on loopback, each holding only its own rows, score like one process."""
     port = _free_port()
@@ -161,17 +175,7 @@ def test_two_processes_match_one(tmp_path):
         )
         for p in range(2)
     ]
-    errors = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=240)
-            errors.append(err)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
+    _wait_all(procs, timeout=240)
     bank, queries = bank_and_queries()
     ref_d, ref_i = knn(queries, bank, 3)
     ref_score = np.asarray(knn(queries, bank, 2)[0]).mean(1)
@@ -235,16 +239,7 @@ def test_multihost_eval_two_processes_match_single(tmp_path):
     procs = [launch(tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                     "--process-id", str(p), devices=2) for p in range(2)]
     procs.append(launch(tmp_path / "single", "--single"))
-    errors = []
-    try:
-        for p in procs:
-            errors.append(p.communicate(timeout=300)[1])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
+    _wait_all(procs, timeout=300)
     multi = json.loads((tmp_path / "multi" / "results.json").read_text())
     single = json.loads((tmp_path / "single" / "results.json").read_text())
     assert (multi["process_count"], multi["device_count"], single["process_count"]) == (2, 4, 1)
