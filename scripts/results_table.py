@@ -77,7 +77,7 @@ def ablations() -> None:
     if ks:
         print("\n**k** (Fashion-MNIST, full splits): " + ", ".join(f"k={k}: {pct(r['mean'])}" for k, r in ks))
     banks = [(n, load(f"ablation-bank{n}")) for n in (10, 100, 1000)]
-    banks += [("all (6000)", load("fashion_mnist-lite0-112"))]
+    banks += [("all (6000)", load("fashion_mnist-lite0-224"))]
     banks = [(n, r) for n, r in banks if r]
     if banks:
         print("\n**Bank size** per class (Fashion-MNIST, all 10k test images): "
