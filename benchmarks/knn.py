@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 from jax import lax
 
-from dn2_jax.hostmem import keep_freed_memory  # noqa: E402
+from dn2_jax.hostmem import keep_freed_memory
 
 KNN = importlib.import_module("dn2_jax.knn")  # the module (``dn2_jax.knn`` the attribute is the function)
 RESULTS = Path(__file__).resolve().parent / "results"
