@@ -8,7 +8,7 @@ Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_back
 __version__ = "0.1.0"
 
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
-from dn2_jax.data import DATASET_NAMES, Dataset, load_dataset
+from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, load_dataset, max_image_pixels
 from dn2_jax.embedding import embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
@@ -68,3 +68,4 @@ __all__ = [
     "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
     "threshold", "train_test_groups", "write_store",
 ]
+__all__ += ["decode_image", "decode_images", "max_image_pixels"]

