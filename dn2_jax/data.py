@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ class Dataset:
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "cifar100_fine",
                  "mvtec:PATH", "folder:PATH", "tfds:NAME")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+# The Pillow decoders of those extensions, whatever a file's name: never EPS (Ghostscript) or another plugin.
+_PIL_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
 DIGITS = [str(i) for i in range(10)]
@@ -336,19 +339,23 @@ def decode_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
     Modes: 1-bit -> 0/255; alpha (LA, RGBA, palette transparency) composited over black; palette, CMYK,
     YCbCr -> RGB with Pillow's conversions; 16-bit integers (I;16 PNG/TIFF/PGM) -> round(v * 255 / 65535);
     float32 (TIFF "F") in [0, 1] -> round(v * 255), any other float range (or NaN/inf) is refused.
-    The size declared in the header is checked against `max_image_pixels(max_pixels)` before any pixel is
-    decoded. A missing, empty, truncated, corrupt or over-limit file, or a directory, raises DN2FileError
-    naming it.
+    Only the formats of IMAGE_EXTENSIONS are decoded, by content (a PNG named .jpg works; an EPS named .png
+    is refused, never handed to Ghostscript). The size declared in the header is checked against
+    `max_image_pixels(max_pixels)` before any pixel is decoded. A missing, empty, truncated, corrupt or
+    over-limit file, a directory or another non-regular file raises DN2FileError naming it.
     """
     limit = max_image_pixels(max_pixels)
-    if os.path.isdir(path):
-        raise DN2FileError(f"cannot decode image {path}: it is a directory")
     try:
-        if os.path.getsize(path) == 0:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise DN2FileError(f"cannot decode image {path}: it is a directory")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
+            raise DN2FileError(f"cannot decode image {path}: not a regular file")
+        if info.st_size == 0:
             raise DN2FileError(f"cannot decode image {path}: the file is empty (0 bytes)")
         with warnings.catch_warnings():  # our limit below is the guard: no DecompressionBombWarning noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:  # lazy: reads the header only.
+            with Image.open(path, formats=_PIL_FORMATS) as img:  # lazy: reads the header only.
                 width, height = img.size
                 if width * height > limit:
                     raise DN2FileError(f"image {path} declares {width}x{height} = {width * height:,} pixels, over "

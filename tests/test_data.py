@@ -575,3 +575,16 @@ def test_tfds_not_prepared_in_the_default_data_dir(tmp_path, monkeypatch):
         data.load_dataset("tfds:mnist", "test")  # was a KeyError from tfds ("splits is empty")
     with pytest.raises(DN2Error, match=r"tfds cannot open 'mnist:9\.9\.9'.*version"):
         data.load_dataset("tfds:mnist:9.9.9", "test")
+
+
+def test_only_the_listed_formats_are_decoded(tmp_path):
+    eps = tmp_path / "x.png"  # Pillow would identify this as EPS and run Ghostscript on load
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(DN2FileError, match=r"x\.png: UnidentifiedImageError: cannot identify"):
+        data.decode_image(str(eps))
+    misnamed = _saved(tmp_path / "really_a_png.jpg", Image.fromarray(np.full((2, 3), 9, np.uint8)))
+    np.testing.assert_array_equal(data.decode_image(misnamed), np.full((2, 3), 9))
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DN2FileError, match=r"pipe\.png: not a regular file"):
+        data.decode_image(str(fifo))  # opening it would block forever
