@@ -119,3 +119,34 @@ def test_shifted_depthwise_conv_equals_grouped_convolution(size, kernel, stride)
     got = depthwise_conv(x, w, stride, shifted=True)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lite0_equals_the_reference_pytorch_implementation():
+    """Lite0 with its ImageNet weights against PyPI `efficientnet-lite-pytorch` (same weights file, same input).
+
+    Three photos are preprocessed once (dn2's Lite0 preset, 224²) and the same float tensor goes to both
+    networks, so only the networks are compared. Measured (2026-11-29, CPU): max |Δlogit| 6.4e-6 at a logit
+    scale of 11.5 (5.6e-7 relative), pooled features 9.0e-7 relative; the bound is 1e-4 of the scale.
+    """
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from dn2_jax.preprocessing import preprocess
+
+    spec = get_backbone("efficientnet_lite0")
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=default_weights(spec)).eval()
+    photos = [skdata.chelsea(), skdata.coffee(), skdata.astronaut()]
+    x = np.concatenate([np.asarray(preprocess(p[None], spec.preset)) for p in photos])
+    assert x.shape == (3, 224, 224, 3)
+    ours = jax.jit(spec.module().apply)(_variables("efficientnet_lite0"), jnp.asarray(x))
+    with torch.inference_mode():
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        want_logits = reference(t).numpy()
+        want_pooled = reference.extract_features(t).mean(dim=(2, 3)).numpy()
+    for got, want in ((ours["logits"], want_logits), (ours["pooled"], want_pooled)):
+        got = np.asarray(got)
+        assert got.shape == want.shape
+        assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    np.testing.assert_array_equal(np.asarray(ours["logits"]).argmax(1), want_logits.argmax(1))
+    assert 281 <= want_logits[0].argmax() <= 285 and want_logits[1].argmax() == 967  # cat, espresso
