@@ -204,8 +204,8 @@ def _plan(state_dict: dict[str, Any], path: str, max_bytes: int) -> tuple[dict[s
     total = sum(sizes.values())
     out = sum(lay.nbytes for lay in layouts.values())
     if total > max_bytes or out > max(2 * total, 1 << 20):
-        raise DN2FileError(f"{path}: the tensors need {total} bytes of storage and {out} bytes as arrays; "
-                           f"the limit is {max_bytes} bytes of storage (max_bytes) and twice that as arrays")
+        raise DN2FileError(f"{path}: the tensors need {total} bytes of storage and {out} bytes as arrays; the "
+                           f"limits are {max_bytes} bytes of storage (max_bytes) and, as arrays, twice their storage")
     return layouts, sizes
 
 
