@@ -209,9 +209,10 @@ def _plan(state_dict: dict[str, Any], path: str, max_bytes: int) -> tuple[dict[s
     return layouts, sizes
 
 
-def _read_tensors(state_dict: dict[str, Any], read: Callable[[str, int], bytes | memoryview], path: str,
-                  max_bytes: int) -> dict[str, np.ndarray]:
-    layouts, sizes = _plan(state_dict, path, max_bytes)
+def _read_tensors(plan: tuple[dict[str, _Layout], dict[str, int]],
+                  read: Callable[[str, int], bytes | memoryview]) -> dict[str, np.ndarray]:
+    """The tensors of `plan` (from `_plan`), each storage read once with `read(key, nbytes)`."""
+    layouts, sizes = plan
     buffers = {key: read(key, n) for key, n in sizes.items()}
     return {name: _materialize(lay, buffers[lay.storage.key]) for name, lay in layouts.items()}
 
@@ -250,9 +251,8 @@ def _load_zip(data: bytes, path: str, max_bytes: int) -> dict[str, np.ndarray]:
         pickled = io.BytesIO(_read_member(zf, pkl[0], None, MAX_PICKLE_BYTES, path))
         obj = restricted_load(pickled, path, _ALLOWED_GLOBALS, kind=_KIND,
                               persistent_load=lambda pid: _storage_ref(pid, path))
-        state_dict = _unwrap(obj, path)
-        return _read_tensors(state_dict, lambda key, n: _read_member(zf, f"{prefix}data/{key}", n, max_bytes, path),
-                             path, max_bytes)
+        return _read_tensors(_plan(_unwrap(obj, path), path, max_bytes),
+                             lambda key, n: _read_member(zf, f"{prefix}data/{key}", n, max_bytes, path))
 
 
 def _load_legacy(data: bytes, path: str, max_bytes: int) -> dict[str, np.ndarray]:
@@ -278,7 +278,8 @@ def _load_legacy(data: bytes, path: str, max_bytes: int) -> dict[str, np.ndarray
     keys = load()
     if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
         raise DN2FileError(f"{path}: the legacy checkpoint's storage list is not a list of names")
-    sizes = _plan(state_dict, path, max_bytes)[1]
+    plan = _plan(state_dict, path, max_bytes)
+    sizes = plan[1]
     # Storages follow as (int64 element count, bytes) in `keys` order: locate each without copying.
     found: dict[str, memoryview] = {}
     pos, view = f.tell(), memoryview(data)
@@ -297,7 +298,7 @@ def _load_legacy(data: bytes, path: str, max_bytes: int) -> dict[str, np.ndarray
     missing = [k for k in sizes if k not in found]
     if missing:
         raise DN2FileError(f"{path}: storage {missing[0][:40]!r} is missing")
-    return _read_tensors(state_dict, lambda key, n: found[key], path, max_bytes)
+    return _read_tensors(plan, lambda key, n: found[key])
 
 
 def _load_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:

@@ -57,9 +57,26 @@ def _refuse(path: str, what: str) -> DN2FileError:
     return DN2FileError(f"{path}: refusing the pickle: {what}")
 
 
-_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
-_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
-_TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+def _effect(op: pickletools.OpcodeInfo) -> tuple[str, int, int]:
+    """(kind, values popped, values pushed) of an opcode on the simulated stack (marks counted apart)."""
+    name, before, after = op.name, op.stack_before, op.stack_after
+    if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+        return "put", 0, 0
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+        return "get", 0, 1
+    if name == "DUP":
+        return "dup", 0, 1
+    if name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+        return "tuple", len(before), 1
+    if pickletools.markobject in before:
+        kind = "mark-tuple" if name in ("TUPLE", "FROZENSET") else "mark"
+        return kind, before.index(pickletools.markobject), len(after)
+    if pickletools.markobject in after:
+        return "push-mark", 0, 1
+    return "plain", len(before), len(after)
+
+
+_EFFECTS = {op.name: _effect(op) for op in pickletools.opcodes}
 
 
 def _prescan(file: io.BytesIO, path: str, allowed: Mapping[tuple[str, str], Any], kind: str,
@@ -84,33 +101,38 @@ def _prescan(file: io.BytesIO, path: str, allowed: Mapping[tuple[str, str], Any]
                 module, _, attr = str(arg).partition(" ")
                 if (module, attr) not in allowed:
                     raise _global_refused(path, module, attr, kind)
-            if name in _MEMO_PUT or name == "MEMOIZE":
+            effect, n_pop, n_push = _EFFECTS[name]
+            if effect == "put":
                 index = len(memo) if name == "MEMOIZE" else int(arg)
                 if not 0 <= index < limits.max_memo or len(memo) >= limits.max_memo:
                     raise _refuse(path, f"memo index {index} outside [0, {limits.max_memo})")
                 memo[index] = stack[-1] or 0
                 continue
-            if name in _MEMO_GET:
+            if effect == "get":
                 if int(arg) not in memo:
                     raise _refuse(path, f"memo index {arg} read before it was written")
                 stack.append(memo[int(arg)])
-            elif name == "DUP":
+            elif effect == "dup":
                 stack.append(stack[-1])
-            elif name in _TUPLE_N:
-                items = [stack.pop() or 0 for _ in range(_TUPLE_N[name])]
-                stack.append(1 + max(items))
-            elif pickletools.markobject in op.stack_before:
+            elif effect == "tuple":
+                stack.append(1 + max([stack.pop() or 0 for _ in range(n_pop)]))
+            elif effect in ("mark", "mark-tuple"):  # pops to the mark, then n_pop more
                 items = []
                 while (item := stack.pop()) is not None:
                     items.append(item)
-                for _ in range(op.stack_before.index(pickletools.markobject)):
-                    stack.pop()
-                nested = name in ("TUPLE", "FROZENSET")
-                stack.extend([1 + max(items, default=0) if nested else 0] * len(op.stack_after))
+                if len(stack) < n_pop:
+                    raise IndexError
+                del stack[len(stack) - n_pop:]
+                if effect == "mark-tuple":
+                    stack.append(1 + max(items, default=0))
+                else:
+                    stack.extend([0] * n_push)
             else:
-                for _ in op.stack_before:
-                    stack.pop()
-                stack.extend(None if s is pickletools.markobject else 0 for s in op.stack_after)
+                if n_pop:
+                    if len(stack) < n_pop:
+                        raise IndexError
+                    del stack[-n_pop:]
+                stack.extend([None] if effect == "push-mark" else [0] * n_push)
             if stack and (stack[-1] or 0) > limits.max_depth:
                 raise _refuse(path, f"tuples nested deeper than {limits.max_depth}")
             if len(stack) > limits.max_stack:

@@ -374,7 +374,7 @@ def test_total_size_cap(tmp_path):
     _write_checkpoint(path, _state_dict_pickle({"w": _tensor("0", 1 << 18, 0, (1 << 18,), (1,))}),
                       {"0": bytes(1 << 20)})
     assert load_state_dict(path)["w"].shape == (1 << 18,)
-    with pytest.raises(DN2FileError, match=r"need 1048576 bytes of storage.*limit is 1000000"):
+    with pytest.raises(DN2FileError, match=r"need 1048576 bytes of storage.*limits are 1000000"):
         load_state_dict(path, max_bytes=1_000_000)
 
 
