@@ -100,7 +100,7 @@ def resnet50_pair() -> tuple[nn.Module, object, object]:
     """(torchvision resnet50, Flax ResNet50, its variables) with the same random weights."""
     torch.manual_seed(0)
     tv = torchvision.models.resnet50().eval()
-    variables = resnet.from_torchvision_state_dict({k: v.numpy() for k, v in tv.state_dict().items()}, 50)
+    variables = models.get_backbone("resnet50").from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
     return tv, resnet.ResNet50(), variables
 
 

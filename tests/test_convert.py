@@ -1,6 +1,7 @@
 """Torchvision checkpoints -> Flax ResNets through files, torch_io and Orbax; equivalence with torchvision."""
 
 import hashlib
+import re
 
 import jax
 import numpy as np
@@ -183,3 +184,35 @@ def test_default_weights_of_efficientnet_lite0():
     expected = models.init_random_variables("efficientnet_lite0")
     assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, expected)
     assert models.fingerprint(variables) != models.fingerprint(expected)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_one_conversion_for_both_families(name):
+    """Both families go through `from_torch.from_torch_state_dict`: same transforms, same messages."""
+    from dn2_jax.models import efficientnet, from_torch
+
+    family = resnet if name.startswith("resnet") else efficientnet
+    layout = family.torch_layout(name)
+    rng = np.random.default_rng(0)
+    sd = {key: rng.standard_normal(shape).astype(np.float32) for key, shape in layout.torch_shapes().items()}
+    sd[next(iter(sd)).rsplit(".", 1)[0] + ".num_batches_tracked"] = np.array(3)  # ignored
+    variables = models.get_backbone(name).from_state_dict(sd)
+    flat = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    assert len(flat) == len(layout.keys)
+    for path, (key, _) in layout.keys.items():
+        leaf = variables
+        for part in path:
+            leaf = leaf[part]
+        np.testing.assert_array_equal(leaf, from_torch.to_flax(sd[key]))
+        assert leaf.dtype == np.float32
+    first_key, first_shape = next(iter(layout.keys.values()))
+    cases = [
+        ({k: v for k, v in sd.items() if k != first_key}, rf"not a {name} state dict: 1 missing keys \(e\.g\. "
+                                                          rf"{re.escape(first_key)}\)$"),
+        ({**sd, "extra.weight": np.zeros(2)}, rf"not a {name} state dict: 1 unexpected keys \(e\.g\. extra\.weight\)$"),
+        ({**sd, first_key: np.zeros((1, *first_shape))}, rf"wrong shape for {re.escape(first_key)} in the {name} "
+                                                         rf"state dict: expected {re.escape(str(first_shape))}, got"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(DN2Error, match=message):
+            models.get_backbone(name).from_state_dict(bad)

@@ -11,7 +11,7 @@ import torchvision
 from flax import traverse_util
 
 from dn2_jax.errors import DN2Error
-from dn2_jax.models import resnet
+from dn2_jax.models import get_backbone, resnet
 
 DEPTHS = (18, 34, 50, 101, 152)
 
@@ -35,7 +35,7 @@ def zeros_state_dict(depth: int) -> dict[str, np.ndarray]:
 def test_keys_shapes_and_parameter_count_match_torchvision(depth):
     tv = torchvision_meta_state_dict(depth)
     expected = {k: tuple(v.shape) for k, v in tv.items() if not k.endswith("num_batches_tracked")}
-    assert resnet.torchvision_shapes(depth) == expected
+    assert resnet.torch_layout(f"resnet{depth}").torch_shapes() == expected
 
     shapes = jax.eval_shape(
         resnet.RESNETS[depth]().init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32)
@@ -63,7 +63,7 @@ def test_feature_dict_shapes(depth, width):
 def test_converted_leaves_are_transposed_torch_arrays():
     rng = np.random.default_rng(0)
     sd = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in zeros_state_dict(18).items()}
-    variables = resnet.from_torchvision_state_dict(sd, 18)
+    variables = get_backbone("resnet18").from_state_dict(sd)
     flat = traverse_util.flatten_dict(variables, sep="/")
     np.testing.assert_array_equal(flat["params/conv1/kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(
@@ -80,10 +80,10 @@ def test_converted_leaves_are_transposed_torch_arrays():
 
 
 def test_other_depth_is_recognised():
-    with pytest.raises(DN2Error, match=r"looks like a resnet18 checkpoint .*not resnet50"):
-        resnet.from_torchvision_state_dict(zeros_state_dict(18), 50)
+    with pytest.raises(DN2Error, match=r"looks like a resnet18 checkpoint .*not resnet50: pick the backbone resnet18"):
+        get_backbone("resnet50").from_state_dict(zeros_state_dict(18))
     with pytest.raises(DN2Error, match=r"looks like a resnet101 checkpoint .*not resnet152"):
-        resnet.from_torchvision_state_dict(zeros_state_dict(101), 152)
+        get_backbone("resnet152").from_state_dict(zeros_state_dict(101))
 
 
 def test_missing_unexpected_and_wrong_shape():
@@ -91,20 +91,20 @@ def test_missing_unexpected_and_wrong_shape():
     missing = dict(sd)
     del missing["layer3.1.bn2.running_var"]
     with pytest.raises(DN2Error, match=r"1 missing keys \(e\.g\. layer3\.1\.bn2\.running_var\)"):
-        resnet.from_torchvision_state_dict(missing, 18)
+        get_backbone("resnet18").from_state_dict(missing)
 
     extra = {**sd, "head.weight": np.zeros((3, 3), np.float32)}
     with pytest.raises(DN2Error, match=r"1 unexpected keys \(e\.g\. head\.weight\)"):
-        resnet.from_torchvision_state_dict(extra, 18)
+        get_backbone("resnet18").from_state_dict(extra)
 
     wrong = {**sd, "fc.weight": np.zeros((10, 512), np.float32)}
     with pytest.raises(DN2Error, match=r"fc\.weight.*expected \(1000, 512\), got \(10, 512\)"):
-        resnet.from_torchvision_state_dict(wrong, 18)
+        get_backbone("resnet18").from_state_dict(wrong)
 
-    with pytest.raises(DN2Error, match=r"not a torchvision resnet50 state dict: \d+ missing keys"):
-        resnet.from_torchvision_state_dict({"features.0.weight": np.zeros(3, np.float32)}, 50)
+    with pytest.raises(DN2Error, match=r"not a resnet50 state dict: \d+ missing keys"):
+        get_backbone("resnet50").from_state_dict({"features.0.weight": np.zeros(3, np.float32)})
 
 
 def test_bad_depth():
-    with pytest.raises(DN2Error, match=r"depth.*\[18, 34, 50, 101, 152\].*20"):
-        resnet.from_torchvision_state_dict({}, 20)
+    with pytest.raises(DN2Error, match=r"unknown ResNet 'resnet20'; known: resnet18, resnet34, resnet50"):
+        resnet.torch_layout("resnet20")

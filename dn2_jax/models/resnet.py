@@ -3,7 +3,8 @@
 The stride of a bottleneck sits on its 3x3 conv (v1.5), every conv is padded symmetrically like PyTorch
 (Flax's ``'SAME'`` pads stride-2 convs asymmetrically), BatchNorm runs in inference mode with eps 1e-5 and
 the max-pool pads with -inf. Module names mirror torchvision's keys (``layer2.0.downsample.1`` is the Flax
-module ``layer2_0/downsample_1``), so :func:`from_torchvision_state_dict` is a rename plus a transpose.
+module ``layer2_0/downsample_1``), so :func:`torch_layout` is a rename plus a transpose; the conversion
+itself is `dn2_jax.models.from_torch.from_torch_state_dict`, shared with EfficientNet-Lite.
 
 Inputs are NHWC float images normalised with the ImageNet mean/std; ``model.apply(variables, images)``
 returns a dict of intermediate features.
@@ -20,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from dn2_jax.errors import DN2Error
+from dn2_jax.models import from_torch
+from dn2_jax.models.from_torch import TorchLayout
 
 ModuleDef = Any
 
@@ -122,110 +124,41 @@ RESNETS: dict[int, Callable[..., ResNet]] = {
 }
 
 
-def _layout(depth: int) -> tuple[tuple[int, ...], bool]:
+def _blocks_of(depth: int) -> tuple[tuple[int, ...], bool]:
     """(blocks per stage, uses bottlenecks) of a depth."""
     kw = RESNETS[depth].keywords
     return tuple(kw["stage_sizes"]), kw["block_cls"] is Bottleneck
 
 
-# Flax leaf (collection, name) -> torchvision leaf name, and how to turn the torch array into the Flax one.
-_LEAVES: dict[tuple[str, str], str] = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-
-
-def _to_flax(array: np.ndarray) -> np.ndarray:
-    """OIHW conv kernel -> HWIO, (out, in) dense kernel -> (in, out); vectors unchanged."""
-    if array.ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if array.ndim == 2:
-        return array.T
-    return array
-
-
-def _check_depth(depth: int) -> None:
-    if depth not in RESNETS:
-        raise DN2Error(f"depth: ResNet depth must be one of {sorted(RESNETS)}, got {depth!r}")
-
-
-def torchvision_shapes(depth: int, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """torchvision state-dict key -> torch shape in ``resnet{depth}`` (without ``num_batches_tracked``)."""
-    _check_depth(depth)
-    return {key: shape for key, (_, shape) in _torchvision_table(depth, num_classes).items()}
+def _depth(name: str) -> int:
+    known = [f"resnet{d}" for d in RESNETS]
+    if name not in known:
+        raise DN2Error(f"unknown ResNet {name!r}; known: {', '.join(known)}")
+    return int(name[len("resnet"):])
 
 
 @functools.cache
-def _torchvision_table(depth: int, num_classes: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """torchvision key -> (Flax variable path, torch shape), derived from the Flax model's own shapes."""
-    model = RESNETS[depth](num_classes=num_classes)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
-    table = {}
-    for path, leaf in traverse_util.flatten_dict(shapes).items():
-        collection, *modules, name = path
-        torch_key = ".".join(m.replace("_", ".") for m in modules) + "." + _LEAVES[collection, name]
-        shape = leaf.shape
-        if len(shape) == 4:
-            shape = (shape[3], shape[2], shape[0], shape[1])
-        elif len(shape) == 2:
-            shape = shape[::-1]
-        table[torch_key] = (path, tuple(shape))
-    return table
+def torch_layout(name: str) -> TorchLayout:
+    """Flax variable path ↔ torchvision key and shape of ``name`` (``'resnet18'`` .. ``'resnet152'``).
+
+    torchvision's ``layer2.0.downsample.1.weight`` is the Flax ``layer2_0/downsample_1/scale``.
+    """
+    return from_torch.torch_layout(name, RESNETS[_depth(name)](), 32, lambda module: module.replace("_", "."))
 
 
 _BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
 
 
-def _detect_depth(keys: Sequence[str]) -> tuple[int | None, str]:
-    """The depth a torchvision ResNet state dict was made for (None: unknown) and a summary of its layout."""
+def guess_torch_model(state_dict: Mapping[str, np.ndarray]) -> tuple[str | None, str]:
+    """The ResNet a torchvision state dict was made for (None: unknown) and a summary of its layout."""
     blocks: dict[int, set[int]] = {}
-    for key in keys:
+    for key in state_dict:
         if m := _BLOCK_KEY.match(key):
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     counts = tuple(len(blocks[i]) for i in sorted(blocks))
-    bottleneck = any(re.match(r"^layer\d+\.\d+\.conv3\.", k) for k in keys)
+    bottleneck = any(re.match(r"^layer\d+\.\d+\.conv3\.", k) for k in state_dict)
     about = f"blocks per stage {list(counts)}, {'bottleneck' if bottleneck else 'basic'} blocks"
     for depth in RESNETS:
-        if _layout(depth) == (counts, bottleneck):
-            return depth, about
+        if _blocks_of(depth) == (counts, bottleneck):
+            return f"resnet{depth}", about
     return None, about
-
-
-def from_torchvision_state_dict(
-    state_dict: Mapping[str, np.ndarray], depth: int, num_classes: int = 1000
-) -> dict[str, Any]:
-    """Convert a torchvision ``resnet{depth}`` state dict (numpy) to Flax ``{'params', 'batch_stats'}``.
-
-    Conv kernels go OIHW -> HWIO, the fc weight is transposed, ``num_batches_tracked`` is ignored. Raises
-    DN2Error naming the problem: a checkpoint of another depth, missing or unexpected keys, wrong shapes.
-    """
-    _check_depth(depth)
-    table = _torchvision_table(depth, num_classes)
-    given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in table if k not in given]
-    unexpected = [k for k in given if k not in table]
-    if missing or unexpected:
-        found, about = _detect_depth(list(given))
-        if found is not None and found != depth:
-            raise DN2Error(
-                f"this looks like a resnet{found} checkpoint ({about}), not resnet{depth}; "
-                f"pick the backbone resnet{found}"
-            )
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
-        raise DN2Error(f"not a torchvision resnet{depth} state dict: {'; '.join(problems)}")
-    flat = {}
-    for key, (path, shape) in table.items():
-        array = np.asarray(given[key])
-        if array.shape != shape:
-            raise DN2Error(
-                f"wrong shape for {key} in the resnet{depth} state dict: expected {shape}, got {array.shape}"
-            )
-        flat[path] = _to_flax(array.astype(np.float32))
-    return traverse_util.unflatten_dict(flat)
