@@ -445,6 +445,24 @@ def _embed_range(
     return np.concatenate(parts)
 
 
+def check_store_path(path: str | os.PathLike, what: str = "embedding store") -> Path:
+    """Refuses, before any work, a store path that cannot be written; returns it absolute.
+
+    Accepted: a missing path (its missing parents are created later), an empty directory, an existing store
+    (complete: reused if it holds the same data; incomplete: resumed), or a folder with nothing but a killed
+    writer's temporaries.
+
+    Raises:
+      DN2Error: the path is a file, or a directory that is not an embedding store.
+      DN2FileError: a parent is a file, or the folder refuses new files (read-only, no permission).
+    """
+    path = fileio.check_writable(path, "dir", parents=True, what=what)
+    if path.is_dir() and not (path / MANIFEST).is_file() and not _only_temporaries(path):
+        raise DN2Error(f"{what} '{path}' exists and is not an embedding store (no {MANIFEST}); refusing to write "
+                       "into it. Choose another path.")
+    return path
+
+
 def _existing_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest at `path`, None if there is nothing there; errors for anything that is not a store.
 
@@ -619,7 +637,7 @@ def extract_to_store(
     _validate_extraction(count, chunk_size, batch_size, dtype)
     labels, ids = _index_arrays(count, labels, ids)
     manifest = _new_manifest(metadata, count, chunk_size, dtype, labels, ids)
-    fileio.check_writable(path, "dir", parents=True, what="embedding store")
+    check_store_path(path)
     with _locked(path, lock_timeout):
         return _extract_locked(path, images, embed_fn, manifest, labels, ids, batch_size, progress)
 
@@ -651,7 +669,7 @@ def write_store(
     _validate_extraction(len(emb), chunk_size, chunk_size, dtype)
     labels, ids = _index_arrays(len(emb), labels, ids)
     manifest = _new_manifest(metadata, len(emb), chunk_size, dtype, labels, ids)
-    fileio.check_writable(path, "dir", parents=True, what="embedding store")
+    check_store_path(path)
     with _locked(path, lock_timeout):
         if path.exists() and not overwrite:
             with contextlib.suppress(DN2Error):
