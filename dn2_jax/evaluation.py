@@ -154,6 +154,8 @@ class FeatureExtractor:
         folder = Path(self.cfg.cache_dir) / f"{safe}-{key}"
         # Any complete store of the same images/backbone/preset that holds every requested image will do.
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name.startswith("."):  # a writer's lock file or temporary directory
+                continue
             try:
                 st = store.open_store(path, expect=meta)
             except store.IncompleteStoreError:

@@ -538,6 +538,17 @@ def _locked(path: Path, timeout: float | None) -> Iterator[None]:
         fileio.remove_empty_dirs(created)
 
 
+def _complete_same(path: Path, manifest: Mapping[str, Any]) -> EmbeddingStore | None:
+    """The complete store at `path` if it holds the data `manifest` describes, else None."""
+    if not (path / MANIFEST).is_file():
+        return None
+    existing = _read_manifest(path)
+    mine, theirs = _identity(manifest), _identity(existing)
+    if not existing["complete"] or _differences(theirs, mine, sorted(set(mine) | set(theirs)), ""):
+        return None
+    return open_store(path)
+
+
 def _extract_locked(
     path: Path,
     images: Sequence[Any] | np.ndarray,
@@ -637,6 +648,8 @@ def extract_to_store(
     _validate_extraction(count, chunk_size, batch_size, dtype)
     labels, ids = _index_arrays(count, labels, ids)
     manifest = _new_manifest(metadata, count, chunk_size, dtype, labels, ids)
+    if (done := _complete_same(path, manifest)) is not None:  # No lock needed, nothing written: may be read-only.
+        return done
     check_store_path(path)
     with _locked(path, lock_timeout):
         return _extract_locked(path, images, embed_fn, manifest, labels, ids, batch_size, progress)
@@ -669,13 +682,13 @@ def write_store(
     _validate_extraction(len(emb), chunk_size, chunk_size, dtype)
     labels, ids = _index_arrays(len(emb), labels, ids)
     manifest = _new_manifest(metadata, len(emb), chunk_size, dtype, labels, ids)
+    if not overwrite and (done := _complete_same(path, manifest)) is not None:
+        return done
     check_store_path(path)
     with _locked(path, lock_timeout):
         if path.exists() and not overwrite:
-            with contextlib.suppress(DN2Error):
-                existing = open_store(path)
-                mine, theirs = _identity(manifest), _identity(existing._manifest)
-                if not _differences(theirs, mine, sorted(set(mine) | set(theirs)), ""):
+            with contextlib.suppress(DN2Error):  # Published by another writer while this one waited.
+                if (existing := _complete_same(path, manifest)) is not None:
                     return existing
             raise DN2Error(f"'{path}' already exists; pass overwrite=True to replace it.")
         for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # Left by a killed writer.

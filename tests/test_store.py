@@ -380,6 +380,7 @@ def test_relative_paths_through_the_library(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["banks", "ck", "q"]  # No locks or temporaries.
 
 
+@pytest.mark.slow
 def test_relative_store_path_through_the_cli(tmp_path, monkeypatch, capsys):
     """The README's flow with `--out banks/bottle` (failed with 'Checkpoint path should be absolute')."""
     monkeypatch.chdir(tmp_path)
@@ -424,6 +425,14 @@ def test_relative_cache_dir_weights_and_xdg_cache_home_for_eval(tmp_path, monkey
     assert len(stores) == 2  # The train and the test split, in the relative default cache dir (as --cache-dir).
     for store in stores:
         open_store(store, verify=True)
+    # Another writer's lock file and temporary directory beside the cached stores: skipped, stores reused.
+    mtimes = {p: p.stat().st_mtime_ns for p in stores}
+    for store in stores:
+        (store.parent / f".{store.name}.lock").write_text("123")
+        (store.parent / f".{store.name}.ab12.tmp").mkdir()
+    code, _, err = _cli(capsys, *argv, "--cache-dir", "xdg/dn2-jax")
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in stores} == mtimes
 
 
 def test_folder_with_only_a_killed_writers_temporaries_is_resumed(tmp_path):
@@ -508,6 +517,7 @@ def test_read_only_folder_is_refused_before_work(capsys):
     root = Path(tempfile.mkdtemp(prefix="dn2-ro-"))  # Not under pytest's tmp_path, which only root may enter.
     os.chmod(root, 0o755)
     (root / "ro").mkdir()
+    want = _extract(root / "ro" / "done").embeddings()  # A complete store there is still reused.
     os.chmod(root / "ro", 0o555)
     read, write = os.pipe()
     with warnings.catch_warnings():
@@ -525,6 +535,7 @@ def test_read_only_folder_is_refused_before_work(capsys):
                 code = dn2_jax.cli.main(["embed", "--dataset", "mvtec:/nonexistent", "--backbone", "pixels",
                                          "--out", str(root / out)])
                 results.append([code, capsys.readouterr().err])
+            results.append([_bits(_extract(root / "ro" / "done").embeddings()) == _bits(want), "reused"])
         except BaseException:
             results.append([None, traceback.format_exc()])
         finally:
@@ -535,11 +546,11 @@ def test_read_only_folder_is_refused_before_work(capsys):
         with os.fdopen(read) as f:
             results = json.loads(f.read())
         os.waitpid(pid, 0)
-        assert list((root / "ro").iterdir()) == []
+        assert [p.name for p in (root / "ro").iterdir()] == ["done"]
     finally:
         os.chmod(root / "ro", 0o755)
         shutil.rmtree(root)
-    assert len(results) == 2, results
+    assert len(results) == 3 and results.pop() == [True, "reused"], results
     for code, err in results:
         assert code == 2 and err.startswith("dn2: error:") and len(err.strip().splitlines()) == 1, err
         assert "cannot create files in" in err and "Permission denied" in err, err
