@@ -187,8 +187,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not file.is_file():
         if path.is_dir() and _only_temporaries(path):
             raise IncompleteStoreError(
-                f"embedding store '{path}' is incomplete: its extraction was interrupted before the "
-                f"{MANIFEST} was written. Run the same extraction (`dn2 embed` / extract_to_store) again."
+                f"embedding store '{path}' is incomplete: it holds no {MANIFEST} yet (empty, or only a killed "
+                "writer's temporaries; its extraction was interrupted before the manifest was written). Run the "
+                "same extraction (`dn2 embed` / extract_to_store) again."
             )
         raise DN2FileError(f"'{path}' is not an embedding store: it has no {MANIFEST}.")
     try:

@@ -439,7 +439,7 @@ def test_folder_with_only_a_killed_writers_temporaries_is_resumed(tmp_path):
     """A kill during the very first manifest write left only `.manifest.json.<pid>.tmp`."""
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / ".manifest.json.4242.tmp").write_text('{"format": "dn2-emb')
-    with pytest.raises(IncompleteStoreError, match="interrupted before the manifest.json was written"):
+    with pytest.raises(IncompleteStoreError, match="interrupted before the manifest was written"):
         open_store(tmp_path / "s")
     store = _extract(tmp_path / "s")
     assert _bits(store.embeddings()) == _bits(_extract(tmp_path / "ref").embeddings())
