@@ -14,6 +14,8 @@ python store_helper.py race PATH_E PATH_W      forks two `embed PATH_E 0.15` and
                                              prints "status <exit code>" for each
 python store_helper.py embed PATH DELAY_S    like crash, then prints "embedded N" (images this process embedded)
 python store_helper.py write PATH            write_store of fake_embed(toy_data()), then prints "written"
+python store_helper.py readonly DIR          as uid 65534 if root (imports first): `dn2 embed --out DIR/bank` and
+                                             DIR/sub/bank, then extract_toy(DIR/done); prints JSON results
 python store_helper.py hold PATH SECONDS     holds the writer lock of PATH, prints "held", sleeps
 """
 
@@ -210,6 +212,30 @@ def _write(path: str) -> None:
     print("written", flush=True)
 
 
+def _readonly(directory: str) -> None:
+    import contextlib
+    import io
+    import json
+
+    import dn2_jax.cli
+    import dn2_jax.data  # noqa: F401  (imported while the interpreter's own files are still readable)
+    import dn2_jax.evaluation  # noqa: F401
+
+    if os.geteuid() == 0:  # Root ignores permission bits: drop to an unprivileged user.
+        os.setgid(65534)
+        os.setuid(65534)
+    results = []
+    for out in ("bank", "sub/bank"):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = dn2_jax.cli.main(["embed", "--dataset", "mvtec:/nonexistent", "--backbone", "pixels",
+                                     "--out", f"{directory}/{out}"])
+        results.append([code, err.getvalue()])
+    store = extract_toy(f"{directory}/done", fake_embed, n=10, chunk_size=4, batch_size=3)
+    results.append([store.embeddings().tobytes() == fake_embed(toy_data(10)[0]).tobytes(), "reused"])
+    print(json.dumps(results), flush=True)
+
+
 def _hold(path: str, seconds: str) -> None:
     from dn2_jax.fileio import writer_lock
 
@@ -230,4 +256,5 @@ if __name__ == "__main__":
         "write": _write,
         "race": _race,
         "hold": _hold,
+        "readonly": _readonly,
     }[mode](*args)
