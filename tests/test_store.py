@@ -412,13 +412,14 @@ def test_relative_cache_dir_weights_and_xdg_cache_home_for_eval(tmp_path, monkey
     save_variables(variables, "weights/r18", {"backbone": "resnet18", "fingerprint": models.fingerprint(variables)})
     argv = ["eval", "--dataset", "mvtec:widget", "--backbone", "resnet18", "--weights", "weights/r18",
             "--input-size", "32", "--batch-size", "8", "--out", "run"]
-    monkeypatch.setenv("XDG_CACHE_HOME", "xdg")
-    importlib.reload(dn2_jax.cli)  # The default cache dir is read from the environment at import.
-    try:
-        code, _, err = _cli(capsys, *argv)
-    finally:
-        monkeypatch.undo()
-        importlib.reload(dn2_jax.cli)
+    with monkeypatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", "xdg")
+        importlib.reload(dn2_jax.cli)  # The default cache dir is read from the environment at import.
+        try:
+            code, _, err = _cli(capsys, *argv)
+        finally:
+            env.undo()
+            importlib.reload(dn2_jax.cli)
     assert code == 0, err
     stores = sorted(p.parent for p in (tmp_path / "xdg" / "dn2-jax").rglob("manifest.json"))
     assert len(stores) == 2  # The train and the test split, in the relative default cache dir (as --cache-dir).
