@@ -12,6 +12,17 @@ from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, lo
 from dn2_jax.embedding import embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
+from dn2_jax.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    publish_dir,
+    read_tree_metadata,
+    restore_tree,
+    save_tree,
+    writer_lock,
+)
 from dn2_jax.knn import (
     clean,
     fpr_quantile,
@@ -50,6 +61,7 @@ from dn2_jax.sharding import (
 from dn2_jax.store import (
     EmbeddingStore,
     IncompleteStoreError,
+    check_store_path,
     extract_to_store,
     open_store,
     save_threshold,
@@ -67,5 +79,7 @@ __all__ = [
     "save_threshold", "save_variables", "self_knn_score", "shard_bank", "sharded_clean", "sharded_knn",
     "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
     "threshold", "train_test_groups", "write_store",
+    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_store_path", "check_writable",
+    "publish_dir", "read_tree_metadata", "restore_tree", "save_tree", "writer_lock",
 ]
 __all__ += ["decode_image", "decode_images", "max_image_pixels"]

@@ -145,6 +145,7 @@ def cmd_embed(args) -> None:
     from dn2_jax import store
     from dn2_jax.data import load_dataset
 
+    store.check_store_path(args.out, "--out")  # before loading data or model
     ds = load_dataset(args.dataset, args.split, args.data_dir)
     idx = np.arange(len(ds))
     if args.class_ is not None:

@@ -1,9 +1,10 @@
 """Torch checkpoints -> Flax variables, stored with Orbax.
 
-An Orbax checkpoint written here is a directory with two items: ``variables`` (the Flax
-``{'params', 'batch_stats'}`` tree, numpy float32) and ``metadata`` (JSON: backbone, source file name,
-its sha256 and the variables' fingerprint). Orbax writes into a temporary sibling directory and renames it
-when complete, so a crash never leaves a half-written checkpoint under the destination name.
+An Orbax checkpoint written here is one :func:`dn2_jax.fileio.save_tree` directory: the Flax
+``{'params', 'batch_stats'}`` tree (numpy float32) with JSON metadata (backbone, source file name, its sha256
+and the variables' fingerprint). It is built beside the destination and renamed into place when complete, so
+a crash never leaves a half-written checkpoint under the destination name. Relative paths are taken from the
+working directory.
 """
 
 from __future__ import annotations
@@ -12,44 +13,23 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from dn2_jax import models, torch_io
+from dn2_jax import fileio, models, torch_io
 from dn2_jax.errors import DN2Error, DN2FileError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+METADATA_KEY = "dn2_weights"  # The checkpoint's JSON metadata holds {METADATA_KEY: metadata}.
 
 
-def _is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def _check_destination(path: Path, overwrite: bool, arg: str) -> None:
-    """DN2Error unless ``path`` can take a new checkpoint: absent, an empty directory, or ``overwrite``."""
-    if path.exists() and not path.is_dir():
-        raise DN2Error(f"{arg}: {path} exists and is a file, not a checkpoint directory")
-    if _is_nonempty_dir(path) and not overwrite:
-        raise DN2Error(f"{arg}: {path} already exists and is not empty; pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise DN2FileError(f"{arg}: the parent directory {path.parent} does not exist")
-
-
-def _save(variables: Any, metadata: dict, path: Path) -> None:
-    """Orbax save to a path that does not exist; removes Orbax's temporary directory if saving fails."""
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(path, args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(variables), metadata=ocp.args.JsonSave(metadata)))
-    except BaseException:
-        for tmp in path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _check_destination(path: Path, overwrite: bool, arg: str) -> Path:
+    """The absolute ``path`` if it can take a new checkpoint: absent, an empty directory, or ``overwrite``;
+    its parent must exist and accept new files (DN2Error / DN2FileError otherwise, before any work)."""
+    return fileio.check_writable(path, "dir", overwrite=overwrite, what=arg)
 
 
 def save_variables(
@@ -57,46 +37,47 @@ def save_variables(
 ) -> Path:
     """Save Flax variables and JSON-serialisable ``metadata`` as an Orbax checkpoint directory at ``path``.
 
-    Refuses (DN2Error) an existing non-empty ``path`` unless ``overwrite``; an overwritten checkpoint is only
-    replaced once the new one is complete. Returns the absolute path.
+    One :func:`dn2_jax.fileio.save_tree` checkpoint: the variables tree (numpy) with ``{"dn2_weights": metadata}``
+    as its JSON metadata. It is built beside ``path`` and renamed into place holding ``path``'s writer lock, so
+    ``path`` holds the old checkpoint or the new one, never a part. Refuses (DN2Error) an existing non-empty
+    ``path`` unless ``overwrite``. Returns the absolute path.
     """
-    path = Path(path).absolute()
-    _check_destination(path, overwrite, "path")
+    path = _check_destination(Path(path), overwrite, "path")
     try:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise DN2Error(f"metadata: not JSON-serialisable ({e})") from e
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
-    if not _is_nonempty_dir(path):
-        if path.exists():
-            path.rmdir()
-        _save(variables, metadata, path)
-        return path
-    staging = path.with_name(f".{path.name}.new-{uuid.uuid4().hex[:8]}")
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    _save(variables, metadata, staging)
-    path.rename(old)
-    staging.rename(path)
-    shutil.rmtree(old)
+    with fileio.writer_lock(path):
+        _check_destination(path, overwrite, "path")  # Again, under the lock.
+        staging = fileio.temporary_dir(path)
+        try:
+            fileio.save_tree(staging / "checkpoint", variables, {METADATA_KEY: metadata})
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            fileio.publish_dir(staging / "checkpoint", path, overwrite=overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
 def restore_variables(path: str | os.PathLike) -> tuple[Any, dict]:
     """Restore ``(variables, metadata)`` saved by :func:`save_variables`; arrays come back as numpy."""
-    path = Path(path).absolute()
+    path = fileio.absolute(path)
     if not path.is_dir():
         raise DN2FileError(f"weights: no checkpoint directory at {path}")
-    if not (path / "variables").is_dir() or not (path / "metadata").is_dir():
+    if (path / "variables").is_dir() and (path / "metadata").is_dir():
         raise DN2FileError(
-            f"weights: {path} is not a dn2 Orbax checkpoint (expected 'variables' and 'metadata' inside; "
-            "create one with `dn2 convert`)")
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            restored = ckptr.restore(path, args=ocp.args.Composite(
-                variables=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints.
-        raise DN2FileError(f"weights: cannot read the Orbax checkpoint {path}: {e}") from e
-    return restored["variables"], dict(restored["metadata"])
+            f"weights: {path} was written by an older dn2 (two-item Orbax layout); convert the torch checkpoint "
+            "again with `dn2 convert`")
+    if not (path / "_CHECKPOINT_METADATA").is_file():
+        raise DN2FileError(
+            f"weights: {path} is not a dn2 Orbax checkpoint (no _CHECKPOINT_METADATA inside; create one with "
+            "`dn2 convert`)")
+    custom, shapes = fileio.read_tree_metadata(path, "weights: the checkpoint")
+    if not isinstance(custom.get(METADATA_KEY), dict):
+        raise DN2FileError(f"weights: {path} is not a dn2 Orbax checkpoint (its metadata lacks {METADATA_KEY!r})")
+    return fileio.restore_tree(path, shapes, "weights: the checkpoint"), dict(custom[METADATA_KEY])
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
@@ -122,8 +103,8 @@ def convert_checkpoint(
     Everything is read, converted and validated before anything is written. Returns the absolute ``dst``.
     """
     spec = models.get_backbone(backbone_name)
-    src, dst = Path(src), Path(dst).absolute()
-    _check_destination(dst, overwrite, "dst")
+    src = fileio.absolute(src)
+    dst = _check_destination(Path(dst), overwrite, "dst")
     variables = _from_torch_file(src, spec)
     metadata = {
         "backbone": spec.name,

@@ -154,6 +154,8 @@ class FeatureExtractor:
         folder = Path(self.cfg.cache_dir) / f"{safe}-{key}"
         # Any complete store of the same images/backbone/preset that holds every requested image will do.
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name.startswith("."):  # a writer's lock file or temporary directory
+                continue
             try:
                 st = store.open_store(path, expect=meta)
             except store.IncompleteStoreError:
@@ -373,16 +375,11 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print) -> 
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
-    """The output directory, refusing a path that exists and is not a directory (checked before any work)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DN2Error(f"output directory '{path}' exists and is not a directory")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DN2Error(f"output directory '{path}': '{parent}' is a file")
-            break
-    return path
+    """The absolute output directory, refusing one that cannot be written (a file, a parent that is a file, a
+    read-only folder); checked before any work."""
+    from dn2_jax.fileio import check_writable
+
+    return check_writable(path, "dir", parents=True, what="output directory")
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, per_class: list[ClassResult]) -> list[Path]:

@@ -7,9 +7,14 @@ A store is a directory::
   chunks/000000/   Orbax checkpoint {"embeddings": (chunk_size, D)} float32 or bfloat16
   chunks/000001/   ...
 
-Orbax writes every checkpoint into a temporary directory and renames it when it is complete, so a process
-killed at any moment loses at most the chunk in flight, and `extract_to_store` resumes from the committed
-chunks. Arrays are saved from host memory and restored as numpy, so a store written by a process with any
+Orbax writes every checkpoint into a temporary directory and renames it when it is complete, and the manifest
+is replaced atomically (`fileio.atomic_write_json`), so a process killed at any moment loses at most the chunk
+in flight, and `extract_to_store` resumes from the committed chunks (a folder holding nothing but a killed
+writer's temporaries is started afresh). Writers hold an OS lock (`fileio.writer_lock`, `.<name>.lock` beside
+the store) for the whole write, so two writers of one store never interleave: the second waits, then finds the
+store complete. Readers take no lock. Relative paths are taken from the working directory.
+
+Arrays are saved from host memory and restored as numpy, so a store written by a process with any
 number of devices opens in a process with any other.
 """
 
@@ -17,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,9 +36,9 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from dn2_jax import fileio
 from dn2_jax.errors import DN2Error, DN2FileError
 
 FORMAT = "dn2-embedding-store"
@@ -86,42 +91,19 @@ def _differences(store: Mapping[str, Any], other: Mapping[str, Any], keys: Seque
     return "; ".join(diffs)
 
 
-def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    """Writes `obj` to `path` atomically: a temporary file in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _save(directory: Path, tree: dict[str, np.ndarray]) -> None:
     """Commits host arrays as one Orbax checkpoint (temp dir, then rename) with their sha256 as metadata."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(
-            directory,
-            args=ocp.args.PyTreeSave(tree),
-            custom_metadata={"sha256": {k: _sha256(v) for k, v in tree.items()}},
-        )
+    fileio.save_tree(directory, tree, {"sha256": {k: _sha256(v) for k, v in tree.items()}})
 
 
 def _read_meta(directory: Path, what: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
     """(sha256 per array, (shape, dtype name) per array) of a committed checkpoint; reads no array data."""
-    if not directory.is_dir() or ocp.path.step.is_path_temporary(directory):
-        raise DN2FileError(f"{what} is missing: '{directory}' does not exist. The store is truncated; re-create it.")
+    custom, shapes = fileio.read_tree_metadata(directory, what)
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            meta = ckptr.metadata(directory)
-        arrays = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in meta.item_metadata.items()}
-        sha = dict(meta.custom_metadata["sha256"])
-    except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-        raise DN2FileError(f"{what} at '{directory}' is damaged: cannot read its metadata ({e}).") from e
+        arrays = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in shapes.items()}
+        sha = {str(k): str(v) for k, v in custom["sha256"].items()}
+    except (AttributeError, KeyError, TypeError) as e:
+        raise DN2FileError(f"{what} at '{directory}' is damaged: its metadata lacks the sha256 of its arrays.") from e
     return sha, arrays
 
 
@@ -130,15 +112,7 @@ def _restore(
 ) -> dict[str, np.ndarray]:
     """Restores the named arrays as host numpy and checks each against its sha256."""
     item = {k: jax.ShapeDtypeStruct(shape, _NUMPY_DTYPES[dt]) for k, (shape, dt) in arrays.items()}
-    restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in arrays}
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(
-                directory,
-                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-            )
-    except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-        raise DN2FileError(f"{what} at '{directory}' is damaged: Orbax cannot restore it ({e}).") from e
+    out = fileio.restore_tree(directory, item, what)
     for k, v in out.items():
         if _sha256(v) != sha[k]:
             raise DN2FileError(
@@ -211,6 +185,12 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise DN2FileError(f"embedding store '{path}' does not exist.")
     if not file.is_file():
+        if path.is_dir() and _only_temporaries(path):
+            raise IncompleteStoreError(
+                f"embedding store '{path}' is incomplete: it holds no {MANIFEST} yet (empty, or only a killed "
+                "writer's temporaries; its extraction was interrupted before the manifest was written). Run the "
+                "same extraction (`dn2 embed` / extract_to_store) again."
+            )
         raise DN2FileError(f"'{path}' is not an embedding store: it has no {MANIFEST}.")
     try:
         manifest = json.loads(file.read_text())
@@ -228,6 +208,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in fields.items()):
         raise DN2FileError(f"the manifest '{file}' is damaged: its metadata lacks {list(fields)}.")
     return manifest
+
+
+def _only_temporaries(path: Path) -> bool:
+    """Whether the directory holds nothing but temporaries a killed writer may leave (or nothing at all)."""
+    return all(fileio.is_temporary(p.name) for p in path.iterdir())
 
 
 def _identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -362,12 +347,18 @@ def _check_structure(path: Path, manifest: Mapping[str, Any]) -> None:
             )
 
 
-def _committed_chunks(path: Path, n: int, clean: bool = True) -> list[int]:
-    """Indices of committed chunks; `clean` removes temporary directories left by a killed writer."""
-    for folder in (path, path / "chunks") if clean else ():
-        for p in folder.iterdir() if folder.is_dir() else ():
-            if ocp.path.step.is_path_temporary(p):
+def _remove_temporaries(folder: Path) -> None:
+    """Removes the temporary files and directories a killed writer left in `folder` (call holding the lock)."""
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if fileio.is_temporary(p.name):
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _committed_chunks(path: Path, n: int) -> list[int]:
+    """Indices of committed chunks (Orbax renames a chunk into place only once it is complete)."""
     return [i for i in range(n) if _chunk_dir(path, i).is_dir()]
 
 
@@ -376,8 +367,11 @@ def open_store(
 ) -> EmbeddingStore:
     """Opens a complete store, checking its integrity and, if given, that its metadata matches `expect`.
 
+    Takes no lock: a complete store is never modified in place (only `save_threshold` replaces its manifest,
+    atomically).
+
     Args:
-      path: the store directory.
+      path: the store directory (relative paths are taken from the working directory).
       expect: metadata the caller relies on, e.g. {"backbone": ..., "fingerprint": ..., "preset": ...}.
       verify: also read every array now and check its sha256 (otherwise this happens as arrays are read).
 
@@ -386,11 +380,11 @@ def open_store(
       DN2FileError: missing, truncated or damaged store.
       DN2Error: metadata that differs from `expect`; the message names both sides.
     """
-    path = Path(path)
+    path = fileio.absolute(path)
     manifest = _read_manifest(path)
     if not manifest["complete"]:
         meta = manifest["metadata"]
-        done = len(_committed_chunks(path, _num_chunks(meta), clean=False))
+        done = len(_committed_chunks(path, _num_chunks(meta)))
         raise IncompleteStoreError(
             f"embedding store '{path}' is incomplete ({done} of {_num_chunks(meta)} chunks committed): its "
             "extraction was interrupted. Run the same extraction (`dn2 embed` / extract_to_store) again "
@@ -452,14 +446,41 @@ def _embed_range(
     return np.concatenate(parts)
 
 
+def check_store_path(path: str | os.PathLike, what: str = "embedding store") -> Path:
+    """Refuses, before any work, a store path that cannot be written; returns it absolute.
+
+    Accepted: a missing path (its missing parents are created later), an empty directory, an existing store
+    (complete: reused if it holds the same data; incomplete: resumed), or a folder with nothing but a killed
+    writer's temporaries.
+
+    Raises:
+      DN2Error: the path is a file, or a directory that is not an embedding store.
+      DN2FileError: a parent is a file, or the folder refuses new files (read-only, no permission).
+    """
+    path = fileio.check_writable(path, "dir", parents=True, what=what)
+    if path.is_dir() and not (path / MANIFEST).is_file() and not _only_temporaries(path):
+        raise DN2Error(f"{what} '{path}' exists and is not an embedding store (no {MANIFEST}); refusing to write "
+                       "into it. Choose another path.")
+    return path
+
+
 def _existing_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest at `path`, None if there is nothing there; errors for anything that is not a store."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    """The manifest at `path`, None if there is nothing there; errors for anything that is not a store.
+
+    Call holding the writer lock: a folder with nothing but a killed writer's temporaries (e.g. a manifest
+    whose very first write was interrupted) is cleaned and treated as empty.
+    """
+    if not path.exists():
         return None
     if not path.is_dir():
         raise DN2Error(f"'{path}' exists and is not a directory; choose another store path.")
     if not (path / MANIFEST).is_file():
-        raise DN2Error(f"'{path}' exists and is not an embedding store (no {MANIFEST}); refusing to write into it.")
+        if not _only_temporaries(path):
+            raise DN2Error(
+                f"'{path}' exists and is not an embedding store (no {MANIFEST}); refusing to write into it."
+            )
+        _remove_temporaries(path)
+        return None
     return _read_manifest(path)
 
 
@@ -474,7 +495,113 @@ def _finalize(path: Path, manifest: dict[str, Any]) -> None:
     if len(dims) != 1:
         raise DN2FileError(f"the chunks of '{path}' have different dims {sorted(dims)}; re-create the store.")
     manifest = {**manifest, "complete": True, "chunks": chunks, "metadata": {**meta, "dim": dims.pop()}}
-    _write_json(path / MANIFEST, manifest)
+    fileio.atomic_write_json(path / MANIFEST, manifest)
+
+
+def _drop_unreadable(path: Path, manifest: Mapping[str, Any], done: list[int]) -> set[int]:
+    """Committed chunks (and the index) of a store being resumed whose metadata cannot be read are removed, to
+    be written again; returns the chunks that stay."""
+    try:
+        sha, _ = _read_meta(path / "index", "the index")
+        if sha != manifest["index_sha256"]:
+            raise DN2FileError("index differs from the manifest")
+    except DN2FileError:
+        shutil.rmtree(path / "index", ignore_errors=True)
+    keep = set()
+    for i in done:
+        try:
+            _read_meta(_chunk_dir(path, i), f"chunk {i}")
+            keep.add(i)
+        except DN2FileError:
+            shutil.rmtree(_chunk_dir(path, i))
+    return keep
+
+
+def _validate_extraction(count: int, chunk_size: Any, batch_size: Any, dtype: Any) -> None:
+    if count == 0:
+        raise DN2Error("images is empty; nothing to embed.")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise DN2Error(f"{name} must be a positive int, got {value!r}.")
+    if dtype not in DTYPES:
+        raise DN2Error(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float | None) -> Iterator[None]:
+    """Creates the missing parents of `path` and holds its writer lock; parents stay only if something was
+    written into them."""
+    created = fileio.make_parents(path)
+    try:
+        with fileio.writer_lock(path, timeout=timeout):
+            yield
+    finally:
+        fileio.remove_empty_dirs(created)
+
+
+def _complete_same(path: Path, manifest: Mapping[str, Any]) -> EmbeddingStore | None:
+    """The complete store at `path` if it holds the data `manifest` describes, else None."""
+    if not (path / MANIFEST).is_file():
+        return None
+    existing = _read_manifest(path)
+    mine, theirs = _identity(manifest), _identity(existing)
+    if not existing["complete"] or _differences(theirs, mine, sorted(set(mine) | set(theirs)), ""):
+        return None
+    return open_store(path)
+
+
+def _extract_locked(
+    path: Path,
+    images: Sequence[Any] | np.ndarray,
+    embed_fn: Callable[[np.ndarray], Any],
+    manifest: dict[str, Any],
+    labels: np.ndarray,
+    ids: np.ndarray,
+    batch_size: int,
+    progress: bool,
+) -> EmbeddingStore:
+    """extract_to_store once the arguments are checked and the writer lock is held."""
+    existing = _existing_manifest(path)
+    if existing is not None:
+        mine, theirs = _identity(manifest), _identity(existing)
+        if diffs := _differences(theirs, mine, sorted(set(mine) | set(theirs)), "this run has"):
+            raise DN2Error(
+                f"'{path}' already holds an embedding store for other data or another model: {diffs}. "
+                "Use another path, or delete it to re-embed."
+            )
+        if existing["complete"]:
+            return open_store(path)
+        manifest = existing
+        _remove_temporaries(path)
+        _remove_temporaries(path / "chunks")
+
+    meta = manifest["metadata"]
+    count, chunk_size, dtype = meta["count"], meta["chunk_size"], DTYPES[meta["dtype"]]
+    n = _num_chunks(meta)
+    done = _drop_unreadable(path, manifest, _committed_chunks(path, n)) if existing is not None else set()
+    initial = sum(min(chunk_size, count - i * chunk_size) for i in done)
+    with tqdm(
+        total=count,
+        initial=initial,
+        unit="img",
+        desc=f"embedding → {path.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for i in sorted(set(range(n)) - done):
+            start = i * chunk_size
+            emb = _embed_range(images, embed_fn, start, min(count, start + chunk_size), batch_size, dtype, bar)
+            if existing is None:  # Nothing is written before the first chunk is computed.
+                path.mkdir(exist_ok=True)
+                fileio.atomic_write_json(path / MANIFEST, manifest)
+                existing = manifest
+            if not (path / "index").is_dir():
+                _save(path / "index", {"labels": labels, "ids": ids})
+            _save(_chunk_dir(path, i), {"embeddings": emb})
+    if not (path / "index").is_dir():  # Every chunk was kept but the index was damaged.
+        _save(path / "index", {"labels": labels, "ids": ids})
+    _finalize(path, manifest)
+    return open_store(path)
 
 
 def extract_to_store(
@@ -489,11 +616,15 @@ def extract_to_store(
     batch_size: int = 256,
     dtype: str = "float32",
     progress: bool = True,
+    lock_timeout: float | None = None,
 ) -> EmbeddingStore:
     """Embeds `images` into a store at `path`, one atomically committed chunk at a time; resumes partial ones.
 
+    The whole write holds an OS lock (`fileio.writer_lock`): a second writer of the same store waits for the
+    first, then finds the store complete and returns it without embedding anything.
+
     Args:
-      path: store directory (created).
+      path: store directory (created, with missing parents; relative to the working directory if relative).
       images: N images, any indexable sequence (np.ndarray or list of arrays), given to embed_fn in batches.
       embed_fn: uint8 images (B, H, W[, C]) → (B, D) features (numpy or jax array). Must be deterministic for
         a resumed store to equal an uninterrupted one.
@@ -503,59 +634,26 @@ def extract_to_store(
       batch_size: images per embed_fn call (chunks are split into batches).
       dtype: "float32" or "bfloat16", as stored.
       progress: show a tqdm bar counting images.
+      lock_timeout: seconds to wait for another writer of `path` (default: env DN2_LOCK_TIMEOUT, else no limit).
 
     Returns:
       The complete store. If `path` already holds a complete store for the same data, it is returned as is.
 
     Raises:
-      DN2Error: bad arguments, or `path` holds something else (another store: the message names both sides).
+      DN2Error: bad arguments, or `path` holds something else (another store: the message names both sides),
+        or another writer held the lock past `lock_timeout`.
+      DN2FileError: `path` cannot be written (checked before embedding anything).
     """
-    path = Path(path)
+    path = fileio.absolute(path)
     count = len(images)
-    if count == 0:
-        raise DN2Error("images is empty; nothing to embed.")
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise DN2Error(f"{name} must be a positive int, got {value!r}.")
-    if dtype not in DTYPES:
-        raise DN2Error(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
+    _validate_extraction(count, chunk_size, batch_size, dtype)
     labels, ids = _index_arrays(count, labels, ids)
     manifest = _new_manifest(metadata, count, chunk_size, dtype, labels, ids)
-    existing = _existing_manifest(path)
-    if existing is not None:
-        mine, theirs = _identity(manifest), _identity(existing)
-        if diffs := _differences(theirs, mine, sorted(set(mine) | set(theirs)), "this run has"):
-            raise DN2Error(
-                f"'{path}' already holds an embedding store for other data or another model: {diffs}. "
-                "Use another path, or delete it to re-embed."
-            )
-        if existing["complete"]:
-            return open_store(path)
-        manifest = existing
-
-    n = _num_chunks(manifest["metadata"])
-    done = set(_committed_chunks(path, n))
-    initial = sum(min(chunk_size, count - i * chunk_size) for i in done)
-    with tqdm(
-        total=count,
-        initial=initial,
-        unit="img",
-        desc=f"embedding → {path.name}",
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
-        for i in sorted(set(range(n)) - done):
-            start = i * chunk_size
-            emb = _embed_range(images, embed_fn, start, min(count, start + chunk_size), batch_size, DTYPES[dtype], bar)
-            if existing is None:  # Nothing is written before the first chunk is computed.
-                path.mkdir(parents=True, exist_ok=True)
-                _write_json(path / MANIFEST, manifest)
-                existing = manifest
-            if not (path / "index").is_dir():
-                _save(path / "index", {"labels": labels, "ids": ids})
-            _save(_chunk_dir(path, i), {"embeddings": emb})
-    _finalize(path, manifest)
-    return open_store(path)
+    if (done := _complete_same(path, manifest)) is not None:  # No lock needed, nothing written: may be read-only.
+        return done
+    check_store_path(path)
+    with _locked(path, lock_timeout):
+        return _extract_locked(path, images, embed_fn, manifest, labels, ids, batch_size, progress)
 
 
 def write_store(
@@ -567,54 +665,54 @@ def write_store(
     ids: Any = None,
     chunk_size: int = 65536,
     overwrite: bool = False,
+    lock_timeout: float | None = None,
 ) -> EmbeddingStore:
     """Writes (N, D) embeddings already in memory (float32 or bfloat16, kept) as a store, in the same format.
 
-    The store is built in a sibling temporary directory and renamed into place. An existing `path` is an error
+    The store is built in a sibling temporary directory and renamed into place, holding the writer lock. An
+    existing store for the same data (same `_identity`: metadata, labels, ids, chunk_size, dtype) is returned
+    as is, so two processes publishing the same store both succeed; any other existing `path` is an error
     unless `overwrite`.
     """
-    path = Path(path)
+    path = fileio.absolute(path)
     emb = np.asarray(embeddings)
     is_float = emb.dtype == DTYPES["bfloat16"] or np.issubdtype(emb.dtype, np.floating)
     if emb.ndim != 2 or emb.shape[0] == 0 or not is_float:
         raise DN2Error(f"embeddings must be a non-empty (N, D) float array, got shape {emb.shape} {emb.dtype}.")
-    if path.exists() and not overwrite:
-        raise DN2Error(f"'{path}' already exists; pass overwrite=True to replace it.")
     dtype = "bfloat16" if emb.dtype == DTYPES["bfloat16"] else "float32"
-    _check_metadata(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        extract_to_store(
-            tmp,
-            emb,
-            lambda x: x,
-            metadata=metadata,
-            labels=labels,
-            ids=ids,
-            chunk_size=chunk_size,
-            batch_size=chunk_size,
-            dtype=dtype,
-            progress=False,
-        )
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "store")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _validate_extraction(len(emb), chunk_size, chunk_size, dtype)
+    labels, ids = _index_arrays(len(emb), labels, ids)
+    manifest = _new_manifest(metadata, len(emb), chunk_size, dtype, labels, ids)
+    if not overwrite and (done := _complete_same(path, manifest)) is not None:
+        return done
+    check_store_path(path)
+    with _locked(path, lock_timeout):
+        if path.exists() and not overwrite:
+            with contextlib.suppress(DN2Error):  # Published by another writer while this one waited.
+                if (existing := _complete_same(path, manifest)) is not None:
+                    return existing
+            raise DN2Error(f"'{path}' already exists; pass overwrite=True to replace it.")
+        for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # Left by a killed writer.
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = fileio.temporary_dir(path)
+        try:
+            _extract_locked(tmp, emb, lambda x: x, manifest, labels, ids, chunk_size, False)
+            fileio.publish_dir(tmp, path, overwrite=overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return open_store(path)
 
 
-def save_threshold(path: str | os.PathLike, *, value: float, k: int, fpr: float, **extra: Any) -> EmbeddingStore:
+def save_threshold(
+    path: str | os.PathLike, *, value: float, k: int, fpr: float, lock_timeout: float | None = None, **extra: Any
+) -> EmbeddingStore:
     """Records a decision threshold (score units: mean squared distance to the k nearest) in a complete store.
 
-    The manifest is replaced atomically; `extra` (JSON data) is kept alongside value, k and fpr.
+    The manifest is replaced atomically, holding the store's writer lock; `extra` (JSON data) is kept alongside
+    value, k and fpr.
     """
-    store = open_store(path)
+    path = fileio.absolute(path)
+    open_store(path)
     if not (isinstance(k, int) and k >= 1):
         raise DN2Error(f"k must be a positive int, got {k!r}.")
     if not (math.isfinite(value) and 0.0 <= fpr <= 1.0):
@@ -624,5 +722,8 @@ def save_threshold(path: str | os.PathLike, *, value: float, k: int, fpr: float,
         json.dumps(threshold, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise DN2Error(f"threshold extras must be JSON data: {e}.") from e
-    _write_json(store.path / MANIFEST, {**store._manifest, "threshold": threshold})
+    fileio.check_writable(path / MANIFEST, "file", what="the store's manifest")
+    with fileio.writer_lock(path, timeout=lock_timeout):
+        store = open_store(path)  # Again, under the lock: another writer may have replaced it.
+        fileio.atomic_write_json(store.path / MANIFEST, {**store._manifest, "threshold": threshold})
     return open_store(path)

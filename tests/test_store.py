@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -335,3 +337,194 @@ def test_written_with_4_devices_opens_with_1(tmp_path):
     assert _bits(out["embeddings"]) == _bits(want)
     np.testing.assert_array_equal(out["labels"], labels)
     np.testing.assert_array_equal(out["ids"], ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Relative paths, output checks, the writer lock (see also tests/test_faults.py).
+
+
+def _tiny_folder(root: Path) -> str:
+    """An MVTec-style folder of 8×8 RGB PNGs (train/good, test/good, test/bad); returns its dataset name."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, kind, n in [("train", "good", 6), ("test", "good", 2), ("test", "bad", 2)]:
+        (root / split / kind).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / kind / f"{i}.png")
+    return f"mvtec:{root}"
+
+
+def _cli(capsys, *argv):
+    from dn2_jax.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_relative_paths_through_the_library(tmp_path, monkeypatch):
+    from dn2_jax.convert import restore_variables, save_variables
+
+    monkeypatch.chdir(tmp_path)
+    store = _extract("banks/bottle")
+    assert store.path == tmp_path / "banks" / "bottle" and store.path.is_absolute()
+    assert _bits(open_store("banks/bottle", verify=True).embeddings()) == _bits(store.embeddings())
+    assert save_threshold("banks/bottle", value=1.0, k=1, fpr=0.1).threshold["k"] == 1
+    written = write_store("banks/../q", store.embeddings(), metadata=META)
+    assert written.path == tmp_path / "q"
+    save_variables({"params": {"w": np.ones(3, np.float32)}}, "weights/../ck", {"backbone": "x"})
+    variables, meta = restore_variables("ck")
+    assert meta == {"backbone": "x"} and variables["params"]["w"].tolist() == [1.0] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["banks", "ck", "q"]  # No locks or temporaries.
+
+
+@pytest.mark.slow
+def test_relative_store_path_through_the_cli(tmp_path, monkeypatch, capsys):
+    """The README's flow with `--out banks/bottle` (failed with 'Checkpoint path should be absolute')."""
+    monkeypatch.chdir(tmp_path)
+    dataset = _tiny_folder(Path("widget")).replace(str(tmp_path) + "/", "")
+    code, out, err = _cli(capsys, "embed", "--dataset", dataset, "--split", "train", "--backbone", "pixels",
+                          "--out", "banks/bottle", "--chunk-size", "4")
+    assert code == 0, err
+    assert open_store(tmp_path / "banks" / "bottle", verify=True).count == 6
+    code, out, err = _cli(capsys, "fit", "banks/bottle", "--k", "1", "--fpr", "0.2")
+    assert code == 0, err
+    code, out, err = _cli(capsys, "score", "banks/bottle", "--dataset", dataset, "--split", "test",
+                          "--out", "scores.json")
+    assert code == 0, err
+    assert len(json.loads(Path("scores.json").read_text())["scores"]) == 4
+
+
+@pytest.mark.slow
+def test_relative_cache_dir_weights_and_xdg_cache_home_for_eval(tmp_path, monkeypatch, capsys):
+    """`dn2 eval` with relative --weights (a `dn2 convert`-style output) and a relative XDG_CACHE_HOME, hence a
+    relative cache dir (the same path as a relative --cache-dir)."""
+    import importlib
+
+    import dn2_jax.cli
+    from dn2_jax import models, save_variables
+
+    monkeypatch.chdir(tmp_path)
+    _tiny_folder(tmp_path / "widget")
+    variables = models.init_random_variables("resnet18")
+    Path("weights").mkdir()
+    save_variables(variables, "weights/r18", {"backbone": "resnet18", "fingerprint": models.fingerprint(variables)})
+    argv = ["eval", "--dataset", "mvtec:widget", "--backbone", "resnet18", "--weights", "weights/r18",
+            "--input-size", "32", "--batch-size", "8", "--out", "run"]
+    with monkeypatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", "xdg")
+        importlib.reload(dn2_jax.cli)  # The default cache dir is read from the environment at import.
+        try:
+            code, _, err = _cli(capsys, *argv)
+        finally:
+            env.undo()
+            importlib.reload(dn2_jax.cli)
+    assert code == 0, err
+    stores = sorted(p.parent for p in (tmp_path / "xdg" / "dn2-jax").rglob("manifest.json"))
+    assert len(stores) == 2  # The train and the test split, in the relative default cache dir (as --cache-dir).
+    for store in stores:
+        open_store(store, verify=True)
+    # Another writer's lock file and temporary directory beside the cached stores: skipped, stores reused.
+    mtimes = {p: p.stat().st_mtime_ns for p in stores}
+    for store in stores:
+        (store.parent / f".{store.name}.lock").write_text("123")
+        (store.parent / f".{store.name}.ab12.tmp").mkdir()
+    code, _, err = _cli(capsys, *argv, "--cache-dir", "xdg/dn2-jax")
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in stores} == mtimes
+
+
+def test_folder_with_only_a_killed_writers_temporaries_is_resumed(tmp_path):
+    """A kill during the very first manifest write left only `.manifest.json.<pid>.tmp`."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / ".manifest.json.4242.tmp").write_text('{"format": "dn2-emb')
+    with pytest.raises(IncompleteStoreError, match="interrupted before the manifest was written"):
+        open_store(tmp_path / "s")
+    store = _extract(tmp_path / "s")
+    assert _bits(store.embeddings()) == _bits(_extract(tmp_path / "ref").embeddings())
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["chunks", "index", "manifest.json"]
+
+
+def test_write_store_of_the_same_data_is_idempotent(tmp_path):
+    """Two `dn2 eval` publishing one cached store: the second finds it and returns it ('Destination … already
+    exists' before)."""
+    emb = np.arange(12, dtype=np.float32).reshape(4, 3)
+    first = write_store(tmp_path / "q", emb, metadata=META, chunk_size=2)
+    mtime = (tmp_path / "q" / "manifest.json").stat().st_mtime_ns
+    again = write_store(tmp_path / "q", emb, metadata=META, chunk_size=2)
+    assert again.path == first.path and (tmp_path / "q" / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(DN2Error, match="already exists"):
+        write_store(tmp_path / "q", emb, metadata={**META, "split": "test"}, chunk_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_check_writable(tmp_path):
+    from dn2_jax.fileio import check_writable
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    assert check_writable(tmp_path / "new.json") == tmp_path / "new.json"
+    assert check_writable(tmp_path / "a" / "b", "dir", parents=True) == tmp_path / "a" / "b"
+    cases = [
+        (dict(path=tmp_path / "dir", kind="file"), DN2Error, "is an existing directory"),
+        (dict(path=tmp_path / "file", kind="dir"), DN2Error, "exists and is not a directory"),
+        (dict(path=tmp_path / "file", kind="file", overwrite=False), DN2Error, "already exists"),
+        (dict(path=tmp_path / "missing" / "x.json"), DN2FileError, "parent directory .*missing' does not exist"),
+        (dict(path=tmp_path / "file" / "x", kind="dir", parents=True), DN2FileError, "'.*file' is a file"),
+        (dict(path=tmp_path / "file" / "x"), DN2FileError, "is a file"),
+    ]
+    for kw, error, match in cases:
+        with pytest.raises(error, match=match):
+            check_writable(**kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # Nothing created, no probe left.
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["embed", "--out", "{file}/bank"], "is a file"),
+        (["embed", "--out", "{file}"], "exists and is not a directory"),
+        (["embed", "--out", "{dir}"], "is not an embedding store"),
+        (["convert", "missing.pth", "{tmp}/nowhere/dst", "--backbone", "resnet18"], "parent directory"),
+        (["convert", "missing.pth", "{dir}", "--backbone", "resnet18"], "already exists"),
+        (["eval", "--backbone", "pixels", "--no-cache", "--out", "{file}/run"], "is a file"),
+    ],
+)
+def test_unwritable_outputs_fail_before_work_with_one_line(tmp_path, capsys, argv, match):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "notes.txt").write_text("mine")
+    subst = {"file": tmp_path / "file", "dir": tmp_path / "dir", "tmp": tmp_path}
+    if argv[0] == "embed":  # A dataset that does not exist: the output is checked first.
+        argv = [*argv, "--dataset", "mvtec:/nonexistent", "--backbone", "pixels"]
+    code, _, err = _cli(capsys, *[a.format(**subst) for a in argv])
+    assert code == 2 and err.startswith("dn2: error:") and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+    assert [p.name for p in (tmp_path / "dir").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_read_only_folder_is_refused_before_work():
+    """A folder that refuses new files: `dn2 embed` fails on its first line, before loading data or a model, and
+    a complete store there is still reused. Root ignores permission bits, so the helper drops to uid 65534."""
+    root = Path(tempfile.mkdtemp(prefix="dn2-ro-"))  # Not under pytest's tmp_path, which only root may enter.
+    try:
+        os.chmod(root, 0o755)
+        (root / "ro").mkdir()
+        _extract(root / "ro" / "done")
+        os.chmod(root / "ro", 0o555)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HELPER.parent.parent)}
+        proc = subprocess.run([sys.executable, str(HELPER), "readonly", str(root / "ro")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert [p.name for p in (root / "ro").iterdir()] == ["done"]
+    finally:
+        os.chmod(root / "ro", 0o755)
+        shutil.rmtree(root)
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop() == [True, "reused"], results
+    for code, err in results:
+        assert code == 2 and err.startswith("dn2: error:") and len(err.strip().splitlines()) == 1, err
+        assert "cannot create files in" in err and "Permission denied" in err, err
