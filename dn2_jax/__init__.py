@@ -9,10 +9,14 @@ __version__ = "0.1.0"
 
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
 from dn2_jax.data import DATASET_NAMES, Dataset, load_dataset
-from dn2_jax.embedding import embed, make_embed_fn
+from dn2_jax.embedding import clear_embed_cache, embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
 from dn2_jax.knn import (
+    bank_center,
+    blocked_knn,
+    check_exclude,
+    check_features,
     clean,
     fpr_quantile,
     keep_lowest,
@@ -38,6 +42,7 @@ from dn2_jax.protocols import (
     train_test_groups,
 )
 from dn2_jax.sharding import (
+    ShardedBank,
     approx_knn,
     data_mesh,
     shard_bank,
@@ -67,4 +72,5 @@ __all__ = [
     "save_threshold", "save_variables", "self_knn_score", "shard_bank", "sharded_clean", "sharded_knn",
     "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
     "threshold", "train_test_groups", "write_store",
+    "bank_center", "blocked_knn", "check_exclude", "check_features", "clear_embed_cache", "ShardedBank",
 ]
