@@ -4,14 +4,15 @@ Each batch is sharded over a 1-D device mesh (axis 'data'), the variables are re
 runs on device inside the same `jax.jit` as the model.
 
 Compilation: one `EmbedFn` (one jitted function) is cached per (backbone spec, variables object, preset,
-dtype, batch size, mesh, feature) and reused by every `embed` / `make_embed_fn` call with those settings, so
-embedding many subsets compiles the backbone once per input shape, not once per call. Batches are padded to
-a fixed size: a call with at least `batch_size` images pads its last batch to `batch_size` (no
-recompilation after the first batch of a shape); a call with fewer pads to the next power of two (times the
-device count), so a one-image call does not pay for a full batch: at most 1 + log2(batch_size) compiled
-sizes per image shape. The variables are identified by object identity (the cache holds a reference, so
-the identity cannot be reused): JAX variables are immutable by convention; after changing weights in
-place, call `clear_embed_cache()`.
+dtype, batch size, mesh, feature) and reused by every `embed` / `make_embed_fn` call with those settings,
+so embedding many subsets compiles the backbone once per input shape, not once per call. Batches are
+padded to a fixed size: a call with at least `batch_size` images pads its last batch to `batch_size` (no
+recompilation after the first batch of a shape). A call with fewer images reuses the smallest size
+already compiled for that image shape that fits, and otherwise pads to the next power of two (times the
+device count), so a first one-image call does not pay for a full batch: at most 1 + log2(batch_size)
+compiled sizes per image shape, and none after a full batch of that shape. The variables are identified
+by object identity (the cache holds a reference, so the identity cannot be reused): JAX variables are
+immutable by convention; after changing weights in place, call `clear_embed_cache()`.
 """
 
 from __future__ import annotations
@@ -71,12 +72,17 @@ class EmbedFn:
         self._variables = jax.device_put(variables, replicated)
         self._sharded = sharded
         self._forward = jax.jit(forward, in_shardings=(replicated, sharded), out_shardings=sharded)
+        self._compiled: dict[tuple[int, ...], set[int]] = {}  # image shape (H, W, C) -> padded batch sizes
 
-    def padded_size(self, n: int) -> int:
-        """Rows a batch is padded to in a call embedding `n` images: `batch_size` when n ≥ batch_size, else
-        the next power of two times the device count (capped at `batch_size`)."""
+    def padded_size(self, n: int, image_shape: tuple[int, ...] | None = None) -> int:
+        """Rows a batch is padded to in a call embedding `n` images of shape `image_shape` (H, W, C):
+        `batch_size` when n ≥ batch_size; else the smallest size already compiled for that shape that
+        holds n; else the next power of two times the device count (capped at `batch_size`)."""
         if n >= self.batch_size:
             return self.batch_size
+        done = [size for size in self._compiled.get(tuple(image_shape or ()), ()) if size >= n]
+        if done:
+            return min(done)
         devices = self.mesh.shape[DATA_AXIS]
         per_device = -(-n // devices)
         return min(devices * (1 << max(per_device - 1, 0).bit_length()), self.batch_size)
@@ -87,6 +93,7 @@ class EmbedFn:
         if n < pad_to:
             pad = np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)
             batch = np.concatenate([batch, pad])
+        self._compiled.setdefault(batch.shape[1:], set()).add(len(batch))
         # Place the batch explicitly: under jax.distributed a numpy input with a sharded in_sharding is refused.
         return n, self._forward(self._variables, jax.device_put(batch, self._sharded))
 
@@ -110,7 +117,8 @@ class EmbedFn:
         images = np.asarray(images)
         check_images(images)
         starts = range(0, len(images), self.batch_size)
-        out = self.stream((images[s : s + self.batch_size] for s in starts), self.padded_size(len(images)))
+        pad_to = self.padded_size(len(images), _as_nhwc(images).shape[1:])
+        out = self.stream((images[s : s + self.batch_size] for s in starts), pad_to)
         return np.concatenate(list(out))
 
 
@@ -211,7 +219,9 @@ def embed(images: Images, spec: BackboneSpec | str, variables: Any, *, batch_siz
                 batches = (images[c[0] : c[-1] + 1] for c in chunks)
             else:
                 batches = (np.concatenate([_single_image(images[i], "") for i in c]) for c in chunks)
-            for chunk, feats in zip(chunks, fn.stream(batches, fn.padded_size(len(idx))), strict=True):
+            first = images[idx[0]][None] if isinstance(images, np.ndarray) else _single_image(images[idx[0]], "")
+            pad_to = fn.padded_size(len(idx), _as_nhwc(first).shape[1:])
+            for chunk, feats in zip(chunks, fn.stream(batches, pad_to), strict=True):
                 out[chunk] = feats
                 bar.update(len(chunk))
     return out

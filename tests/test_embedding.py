@@ -180,12 +180,17 @@ def test_one_compilation_per_image_shape_across_calls():
         mixed = [_images(1, 30, 22, seed=9)[0], _images(1, seed=10)[0]] * 3  # both shapes seen, 3 each
         embed(mixed, spec, variables, batch_size=4, progress=False)
         assert compiles.count == 2, compiles.names
-        # fewer images than a batch: padded to a power of two, compiled once per such size
-        one = embed(_images(1, seed=11), spec, variables, batch_size=4, progress=False)
-        embed(_images(1, seed=12), spec, variables, batch_size=4, progress=False)
+        # fewer images than a batch, of a shape already compiled: the full batch is reused
+        embed(_images(1, seed=11), spec, variables, batch_size=4, progress=False)
+        assert compiles.count == 2
+        # of a new shape: padded to a power of two (not the full batch), compiled once
+        one = embed(_images(1, 12, 12, seed=12), spec, variables, batch_size=4, progress=False)
+        embed(_images(1, 12, 12, seed=13), spec, variables, batch_size=4, progress=False)
         assert compiles.count == 3
-    np.testing.assert_allclose(one, _direct(spec, variables, _images(1, seed=11)), rtol=1e-5, atol=1e-6)
-    assert make_embed_fn(spec, variables, batch_size=4).padded_size(3) == 4
+    np.testing.assert_allclose(one, _direct(spec, variables, _images(1, 12, 12, seed=12)), rtol=1e-5, atol=1e-6)
+    fn = make_embed_fn(spec, variables, batch_size=4)
+    assert fn.padded_size(3, (20, 24, 3)) == 4 and fn.padded_size(1, (12, 12, 3)) == 1
+    assert fn.padded_size(3, (9, 9, 3)) == 4 and fn.padded_size(2, (9, 9, 3)) == 2
     assert make_embed_fn(spec, variables, batch_size=64).padded_size(5) == 8
 
 
