@@ -139,22 +139,33 @@ def test_unambiguous_layouts_agree():
                                   embed(narrow[..., None], spec, variables, progress=False))
 
 
+_COMPILES: list[str] | None = None  # while a test counts: names of the embedding forward passes compiled
+
+
+def _on_compile(event, duration, **kwargs):
+    if _COMPILES is not None and event == "/jax/core/compile/backend_compile_duration":
+        if "_forward" in str(kwargs.get("fun_name")):
+            _COMPILES.append(kwargs["fun_name"])
+
+
+@functools.cache
+def _listen_to_compiles() -> None:
+    # Registered once per session (jax 0.6.x has no jax.monitoring unregister); idle unless counting.
+    jax.monitoring.register_event_duration_secs_listener(_on_compile)
+
+
 class _CompileCounter:
     """Counts XLA compilations of the embedding forward pass (a jax.monitoring listener)."""
 
-    def __init__(self):
-        self.names: list[str] = []
-
-    def __call__(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration" and "_forward" in str(kwargs.get("fun_name")):
-            self.names.append(kwargs["fun_name"])
-
     def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
+        global _COMPILES
+        _listen_to_compiles()
+        _COMPILES = self.names = []
         return self
 
     def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
+        global _COMPILES
+        _COMPILES = None
 
     @property
     def count(self) -> int:
