@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
 from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, load_dataset, max_image_pixels
-from dn2_jax.embedding import embed, make_embed_fn
+from dn2_jax.embedding import clear_embed_cache, embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
 from dn2_jax.fileio import (
@@ -24,6 +24,10 @@ from dn2_jax.fileio import (
     writer_lock,
 )
 from dn2_jax.knn import (
+    bank_center,
+    blocked_knn,
+    check_exclude,
+    check_features,
     clean,
     fpr_quantile,
     keep_lowest,
@@ -49,6 +53,7 @@ from dn2_jax.protocols import (
     train_test_groups,
 )
 from dn2_jax.sharding import (
+    ShardedBank,
     approx_knn,
     data_mesh,
     shard_bank,
@@ -81,5 +86,6 @@ __all__ = [
     "threshold", "train_test_groups", "write_store",
     "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_store_path", "check_writable",
     "publish_dir", "read_tree_metadata", "restore_tree", "save_tree", "writer_lock",
+    "bank_center", "blocked_knn", "check_exclude", "check_features", "clear_embed_cache", "ShardedBank",
 ]
 __all__ += ["decode_image", "decode_images", "max_image_pixels"]

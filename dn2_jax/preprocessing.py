@@ -65,13 +65,30 @@ def get_preset(name: str) -> Preset:
 
 
 def check_images(images, what: str = "images") -> None:
-    """Raises `DN2Error` unless `images` is uint8 of shape (N, H, W) or (N, H, W, C) with C in {1, 3}."""
-    shape, dtype = np.shape(images), getattr(images, "dtype", None)
+    """Raises `DN2Error` unless `images` is a non-empty uint8 batch of an unambiguous shape.
+
+    Accepted: (N, H, W) grayscale, or (N, H, W, C) with C in {1, 3}. A rank-3 array whose last axis is 1, 3
+    or 4 is refused as ambiguous: (32, 32, 3) is far more likely one RGB image than 32 grayscale images
+    3 pixels wide, so it is not guessed either way; pass `images[None]` for one image, or add a channel
+    axis, (N, H, W, 1), for grayscale images that narrow. A rank-2 array (one grayscale image) is refused
+    the same way.
+    """
+    shape, dtype = tuple(np.shape(images)), getattr(images, "dtype", None)
     if dtype != np.uint8:
         raise DN2Error(f"{what} must be uint8 (0..255), got dtype {dtype}")
+    if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4)):
+        raise DN2Error(
+            f"{what} has shape {shape}, which looks like a single image (H, W[, C]) rather than a batch "
+            f"(N, H, W) or (N, H, W, C): pass {what}[None] for a batch of one image, or shape (N, H, W, 1) "
+            f"for grayscale images {shape[-1]} pixels wide"
+        )
     if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
-        raise DN2Error(f"{what} must have shape (N, H, W) or (N, H, W, C) with C = 1 or 3, got {shape}")
-    if min(shape[1:3], default=0) < 1:
+        raise DN2Error(
+            f"{what} must have shape (N, H, W) (grayscale) or (N, H, W, C) with C = 1 or 3, got {shape}"
+        )
+    if shape[0] == 0:
+        raise DN2Error(f"{what} is empty (shape {shape}): there is nothing to embed")
+    if min(shape[1:3]) < 1:
         raise DN2Error(f"{what} must have at least one pixel, got shape {shape}")
 
 
@@ -91,6 +108,8 @@ def _centre_crop(x: jax.Array, crop: int) -> jax.Array:
 
 def preprocess(images: jax.Array | np.ndarray, preset: Preset) -> jax.Array:
     """uint8 (N, H, W) or (N, H, W, C∈{1,3}) → normalised float32 (N, crop, crop, 3). Jit-able.
+
+    Shapes are checked by `check_images` (ambiguous rank-3 shapes and empty batches are refused).
 
     Grayscale is replicated to RGB; then short-side resize (antialiased bilinear), centre crop, normalisation.
     """

@@ -10,6 +10,12 @@ Padding: the row count is padded to a multiple of the device count (per process,
 Padded rows have a squared norm of +inf, so their distance is +inf, and a global row id of -1; as
 ``k <= N`` there are always at least k real candidates, so a padded row is never returned.
 
+Centering: :func:`shard_bank` computes the global mean of the real rows once (a cross-device reduction)
+and every shard centres queries and rows on it, as :func:`dn2_jax.knn.knn` does on one device.
+
+A :class:`ShardedBank` is a registered pytree (arrays as leaves, size/mesh/axis static), so it can be
+passed to jitted functions; inside a trace, value checks of queries and ``exclude`` are skipped.
+
 Multi-host: call :func:`initialize_distributed` (or ``jax.distributed.initialize``) first in every
 process, then :func:`shard_bank` with the rows *this process* holds (e.g. the embeddings of its
 ``jax.process_index()`` slice of the dataset). Global row ids follow process order: process 0's rows,
@@ -39,14 +45,18 @@ from dn2_jax.errors import DN2Error
 from dn2_jax.knn import (
     BLOCK_SIZE,
     QUERY_BLOCK,
-    _as_features,
-    _balanced_block,
-    _block_starts,
-    _check_fraction,
-    _check_k,
-    _knn_blocked,
+    balanced_block,
+    block_starts,
+    blocked_knn,
+    check_exclude,
+    check_features,
+    check_fraction,
+    check_k,
+    check_positive_int,
     fpr_quantile,
+    is_traced,
     keep_lowest,
+    snap_center,
 )
 
 Array = jax.Array
@@ -107,21 +117,28 @@ def data_mesh(devices=None, axis: str = DATA_AXIS) -> Mesh:
     return Mesh(np.asarray(devices), (axis,))
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["rows", "sq_norms", "row_ids", "center"],
+    meta_fields=["size", "mesh", "axis"],
+)
 @dataclasses.dataclass(frozen=True)
 class ShardedBank:
-    """A bank placed row-wise over a 1-D mesh, padded to a multiple of the device count.
+    """A bank placed row-wise over a 1-D mesh, padded to a multiple of the device count; a pytree.
 
     Attributes:
       rows: (N_pad, D) features, sharded over ``axis``.
-      sq_norms: (N_pad,) float32 squared norms, +inf on padded rows.
+      sq_norms: (N_pad,) float32 squared norms of ``rows - center``, +inf on padded rows.
       row_ids: (N_pad,) int32 global row id of every row, -1 on padded rows.
-      size: N, the number of real rows (over all processes).
+      center: (D,) float32 mean of the real rows (replicated), the centre of every distance computation.
+      size: N, the number of real rows (over all processes). Static (pytree metadata), as are mesh and axis.
       mesh, axis: where it lives.
     """
 
     rows: Array
     sq_norms: Array
     row_ids: Array
+    center: Array
     size: int
     mesh: Mesh
     axis: str
@@ -131,21 +148,19 @@ class ShardedBank:
         return int(self.rows.shape[1])
 
 
-@functools.partial(jax.jit, static_argnames=("out_sharding",))
-def _masked_norms(rows, row_ids, out_sharding):
-    sq = jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=1)
-    return jax.lax.with_sharding_constraint(jnp.where(row_ids >= 0, sq, jnp.inf), out_sharding)
-
-
-def _check_device_rows(rows: Array, name: str = "bank") -> Array:
-    """Validates a device-resident (n, D) array without copying it to the host."""
-    if rows.ndim != 2 or 0 in rows.shape:
-        raise DN2Error(f"{name} must be a non-empty (N, D) array, got shape {tuple(rows.shape)}")
-    if not jnp.issubdtype(rows.dtype, jnp.floating):
-        raise DN2Error(f"{name} must be a floating-point array, got dtype {rows.dtype}")
-    if not bool(jnp.isfinite(rows).all()):
-        raise DN2Error(f"{name} contains NaN or Inf")
-    return rows
+@functools.partial(jax.jit, static_argnames=("size", "out_sharding", "replicated"))
+def _center_and_norms(rows, row_ids, *, size, out_sharding, replicated):
+    """Centre of the real rows (as :func:`dn2_jax.knn.bank_center`: float32 mean plus residual mean, snapped)
+    and squared norms of the centred rows, +inf on padded rows. XLA turns the sums over the sharded rows
+    into cross-device reductions (psums)."""
+    real = (row_ids >= 0)[:, None]
+    x = rows.astype(jnp.float32)
+    m0 = jnp.sum(jnp.where(real, x, 0.0), axis=0) / size
+    r = jnp.where(real, x - m0, 0.0)
+    center = snap_center(m0 + jnp.sum(r, axis=0) / size, jnp.sum(jnp.abs(r), axis=0) / size)
+    sq = jnp.sum(jnp.square(x - center), axis=1)
+    sq = jax.lax.with_sharding_constraint(jnp.where(row_ids >= 0, sq, jnp.inf), out_sharding)
+    return sq, jax.lax.with_sharding_constraint(center, replicated)
 
 
 def shard_bank(rows, mesh: Mesh | None = None, *, axis: str = DATA_AXIS) -> ShardedBank:
@@ -166,7 +181,7 @@ def shard_bank(rows, mesh: Mesh | None = None, *, axis: str = DATA_AXIS) -> Shar
         raise DN2Error(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
     n_proc = jax.process_count()
     on_device = n_proc == 1 and isinstance(rows, jax.Array)  # keep a device-resident bank on device
-    local = _check_device_rows(rows) if on_device else _as_features(np.asarray(rows), "bank")
+    local = check_features(rows if on_device else np.asarray(rows), "bank")
     n_local, dim = local.shape
     sharding = NamedSharding(mesh, P(axis))
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
@@ -194,12 +209,16 @@ def shard_bank(rows, mesh: Mesh | None = None, *, axis: str = DATA_AXIS) -> Shar
         local_rows = np.concatenate([local, np.zeros((pad, dim), local.dtype)]) if pad else local
         rows_g = jax.make_array_from_process_local_data(sharding, local_rows, (global_rows, dim))
         ids_g = jax.make_array_from_process_local_data(sharding, local_ids, (global_rows,))
-    norms = _masked_norms(rows_g, ids_g, sharding)
-    return ShardedBank(rows_g, norms, ids_g, int(counts.sum()), mesh, axis)
+    size = int(counts.sum())
+    norms, center = _center_and_norms(rows_g, ids_g, size=size, out_sharding=sharding,
+                                      replicated=NamedSharding(mesh, P()))
+    return ShardedBank(rows_g, norms, ids_g, center, size, mesh, axis)
 
 
 def _replicated(x, mesh: Mesh) -> Array:
     """Queries as an array replicated over the mesh (every process must pass the same values)."""
+    if is_traced(x):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return x  # a global array (e.g. queries sharded over processes): the jitted search reshards it
     if isinstance(x, jax.Array):
@@ -222,9 +241,10 @@ def _sorted_topk(d: Array, i: Array, k: int) -> tuple[Array, Array]:
     jax.jit, static_argnames=("mesh", "axis", "k", "block_size", "query_block", "recall_target", "n_pad")
 )
 def _sharded_knn(
-    queries, rows, sq_norms, row_ids, exclude, *, mesh, axis, k, block_size, query_block, recall_target, n_pad
+    queries, rows, sq_norms, row_ids, center, exclude, *, mesh, axis, k, block_size, query_block, recall_target,
+    n_pad,
 ):
-    def local(q, r, sq, ids, excl):
+    def local(q, r, sq, ids, c, excl):
         kl = min(k, r.shape[0])  # a shard may hold fewer rows than k; padding makes up the rest
         if excl is not None:
             # Global id -> row of this shard (-1 = not here). A shard's real rows carry consecutive ids
@@ -233,7 +253,7 @@ def _sharded_knn(
             here = (excl >= 0) & (pos >= 0) & (pos < r.shape[0])
             here &= jnp.take(ids, jnp.clip(pos, 0, r.shape[0] - 1)) == excl
             excl = jnp.where(here, pos, -1)
-        d, i = _knn_blocked(q, r, sq, excl, k=kl, block_size=max(block_size, kl), query_block=query_block,
+        d, i = blocked_knn(q, r, sq, c, excl, k=kl, block_size=max(block_size, kl), query_block=query_block,
                             recall_target=recall_target, reduction_size=n_pad)
         gid = jnp.take(ids, i)
         d = jnp.where(gid < 0, jnp.inf, d)
@@ -244,8 +264,9 @@ def _sharded_knn(
     # check_vma=False: the kernels' scan carries start device-invariant and become device-varying; the
     # outputs are replicated by construction (merged from the all-gathered candidates).
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis), P()), out_specs=(P(), P()), check_vma=False
-    )(queries, rows, sq_norms, row_ids, exclude)
+        local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis), P(), P()), out_specs=(P(), P()),
+        check_vma=False,
+    )(queries, rows, sq_norms, row_ids, center, exclude)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -275,8 +296,12 @@ def sharded_knn(
       block_size, query_block: per-device blocking, as in :func:`dn2_jax.knn.knn`.
       approx_recall: None for exact search; a recall target in (0, 1) reduces each distance tile with
         ``lax.approx_min_k`` instead, which is approximate on TPU only (exact on CPU and GPU).
-      exclude: optional (M,) int global row id that query i must not return (-1 = none), the same on every
-        process; leave-one-out scoring excludes a point by id, as in :func:`dn2_jax.knn.knn`.
+      exclude: optional (M,) integer global row id (array or sequence) that query i must not return (-1 =
+        none), the same on every process; leave-one-out scoring excludes a point by id, as in
+        :func:`dn2_jax.knn.knn`. Ids outside ``[-1, N)``, floats and bools raise :class:`DN2Error`.
+
+    Queries and bank are validated as in :func:`dn2_jax.knn.knn` (NaN/Inf and float32 overflow refused for
+    concrete values; inside a jit trace only shapes and dtypes are checked).
 
     Returns:
       (sq_dists, indices), both (M, k) and replicated on every device: ascending squared distances
@@ -284,37 +309,31 @@ def sharded_knn(
     """
     if not isinstance(bank, ShardedBank):
         bank = shard_bank(bank, mesh, axis=axis)
-    if isinstance(queries, jax.Array) and (not queries.is_fully_addressable or jax.process_count() == 1):
-        queries = _check_device_rows(queries, "queries")
-    else:
-        queries = _as_features(np.asarray(queries), "queries")
+    if not isinstance(queries, jax.Array) or (jax.process_count() > 1 and queries.is_fully_addressable):
+        queries = np.asarray(queries)  # host values: replicated below (the same on every process)
+    queries = check_features(queries, "queries")
     if queries.shape[1] != bank.dim:
         raise DN2Error(f"queries and bank differ in feature dimension: {queries.shape[1]} vs {bank.dim}")
-    k = _check_k(k, bank.size, "the bank size N")
-    for name, value in (("block_size", block_size), ("query_block", query_block)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise DN2Error(f"{name} must be a positive integer, got {value!r}")
+    k = check_k(k, bank.size, "the bank size N")
+    block_size = check_positive_int(block_size, "block_size")
+    query_block = check_positive_int(query_block, "query_block")
     if approx_recall is not None and not 0.0 < float(approx_recall) < 1.0:
         raise DN2Error(f"approx_recall must be in the open interval (0, 1) or None, got {approx_recall}")
+    exclude = check_exclude(exclude, queries.shape[0], bank.size)
     if exclude is not None:
-        if tuple(exclude.shape) != (queries.shape[0],) or not jnp.issubdtype(exclude.dtype, jnp.integer):
-            raise DN2Error(
-                f"exclude must be an integer array of shape ({queries.shape[0]},), got "
-                f"{exclude.dtype} {tuple(exclude.shape)}"
-            )
-        exclude = _replicated(exclude if isinstance(exclude, jax.Array) else np.asarray(exclude, np.int32),
-                              bank.mesh).astype(jnp.int32)
+        exclude = _replicated(exclude, bank.mesh)
     return _sharded_knn(
         _replicated(queries, bank.mesh),
         bank.rows,
         bank.sq_norms,
         bank.row_ids,
+        bank.center,
         exclude,
         mesh=bank.mesh,
         axis=bank.axis,
         k=k,
-        block_size=int(block_size),
-        query_block=int(query_block),
+        block_size=block_size,
+        query_block=query_block,
         recall_target=None if approx_recall is None else float(approx_recall),
         n_pad=int(bank.rows.shape[0]),
     )
@@ -354,14 +373,14 @@ def sharded_self_knn_score(
     """
     if not isinstance(bank, ShardedBank):
         bank = shard_bank(bank, mesh, axis=axis)
-    k = _check_k(k, bank.size - 1, "the bank size minus one (leave-one-out)")
+    k = check_k(k, bank.size - 1, "the bank size minus one (leave-one-out)")
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer)) or query_chunk < 1:
         raise DN2Error(f"query_chunk must be a positive integer, got {query_chunk!r}")
     n_pad = int(bank.rows.shape[0])
-    chunk = _balanced_block(n_pad, int(query_chunk))
+    chunk = balanced_block(n_pad, int(query_chunk))
     replicated = NamedSharding(bank.mesh, P())
     scores, row_ids = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.int32)
-    for start in _block_starts(n_pad, chunk):  # the last chunk is shifted back: a few rows are scored twice
+    for start in block_starts(n_pad, chunk):  # the last chunk is shifted back: a few rows are scored twice
         q, ids = _take_rows(bank.rows, bank.row_ids, jnp.int32(start), size=chunk, out_sharding=replicated)
         d, _ = sharded_knn(q, bank, k, exclude=ids, **kwargs)
         scores[start : start + chunk] = _local_copy(jnp.mean(d, axis=1))
@@ -372,14 +391,14 @@ def sharded_self_knn_score(
 def sharded_clean(bank, k: int = 2, fraction: float = 0.5, **kwargs) -> np.ndarray:
     """Cleaning stage on a sharded bank: int32 global ids (sorted) of the rows kept after dropping the
     ``floor(fraction * N)`` with the largest leave-one-out score, as :func:`dn2_jax.knn.clean`."""
-    fraction = _check_fraction(fraction, "fraction")
+    fraction = check_fraction(fraction, "fraction")
     return np.asarray(keep_lowest(jnp.asarray(sharded_self_knn_score(bank, k, **kwargs)), fraction))
 
 
 def sharded_threshold(bank, k: int = 2, fpr: float = 0.05, **kwargs) -> float:
     """Decision threshold at a target false-positive rate for a sharded bank, as :func:`dn2_jax.knn.threshold`
     (squared feature units)."""
-    fpr = _check_fraction(fpr, "fpr")
+    fpr = check_fraction(fpr, "fpr")
     return float(fpr_quantile(sharded_self_knn_score(bank, k, **kwargs), fpr))
 
 

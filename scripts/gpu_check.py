@@ -126,14 +126,15 @@ def section_matmul(cfg) -> dict:
 
 
 def section_knn(cfg, results) -> dict:
-    from dn2_jax.knn import _knn_blocked, knn, squared_norms
+    from dn2_jax.knn import bank_center, blocked_knn, knn, squared_norms
     from dn2_jax.sharding import data_mesh, shard_bank, sharded_knn
 
     n, m, d, k = cfg["knn_n"], cfg["knn_m"], cfg["knn_d"], cfg["knn_k"]
     kb, kq = jax.random.split(jax.random.key(1))
     bank = jax.random.normal(kb, (n, d), jnp.float32)
     queries = jax.random.normal(kq, (m, d), jnp.float32)
-    norms = squared_norms(bank)
+    center = bank_center(bank)
+    norms = squared_norms(bank, center)
     flops = 2.0 * m * n * d
     peak = results.get("matmul", {}).get("f32_highest", {}).get("tflops")
     out = {"n": n, "m": m, "d": d, "k": k, "flops_per_search": flops, "f32_highest_tflops": peak, "runs": []}
@@ -141,7 +142,7 @@ def section_knn(cfg, results) -> dict:
     for block, qblock in cfg["knn_blocks"]:
         # The kernel itself: knn() also checks the inputs for NaN on the host, which is not search time.
         def search(q, b, s, block=block, qblock=qblock):
-            return _knn_blocked(q, b, s, no_exclude, k=k, block_size=block, query_block=qblock)
+            return blocked_knn(q, b, s, center, no_exclude, k=k, block_size=block, query_block=qblock)
 
         try:
             secs = _timeit(search, queries, bank, norms, iters=2)
@@ -189,7 +190,8 @@ def section_knn(cfg, results) -> dict:
             except Exception as exc:  # noqa: BLE001
                 out["runs"].append({"path": label, "error": repr(exc)[:500]})
         t0 = time.perf_counter()
-        exact_i = np.asarray(knn(queries, bank, k, block_size=block, query_block=qblock, bank_sq_norms=norms)[1])
+        exact_i = np.asarray(knn(queries, bank, k, block_size=block, query_block=qblock, center=center,
+                                    bank_sq_norms=norms)[1])
         out["public_knn_call_s"] = time.perf_counter() - t0  # includes input validation
         approx_i = np.asarray(
             sharded_knn(queries[:m_approx], sb, k, block_size=block, query_block=qblock, approx_recall=0.95)[1]

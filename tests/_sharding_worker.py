@@ -69,6 +69,13 @@ def run_devices(out: str) -> None:
         res[f"loo{k}"] = sharded_self_knn_score(sb, k, query_chunk=5, block_size=4)
         res[f"ref_loo{k}"] = self_knn_score(bank, k)
     res["clean"], res["ref_clean"] = sharded_clean(sb, 2, 0.3), clean(bank, 2, 0.3)
+    # A shared offset of 100: the global centre (a cross-device mean) keeps float32 precise on every shard.
+    shifted = (bank.astype(np.float64) + 100.0).astype(np.float32)
+    q_shifted = (queries.astype(np.float64) + 100.0).astype(np.float32)
+    res["offset_d"], res["offset_i"] = sharded_knn(q_shifted, shard_bank(shifted, mesh), 3, block_size=4)
+    res["offset_q"], res["offset_b"] = q_shifted, shifted
+    # The ShardedBank is a pytree: it passes through jit (shard_map inside the outer jit).
+    res["jit_d3"], res["jit_i3"] = jax.jit(lambda q, b: sharded_knn(q, b, 3))(queries, sb)
     try:
         sharded_knn(queries, sb, bank.shape[0] + 1)
         res["k_too_large_raises"] = np.bool_(False)

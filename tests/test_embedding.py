@@ -76,7 +76,8 @@ def test_embed_fn_any_batch_and_spatial_feature_is_pooled():
     assert fn.feature_dim == 8 and fn.batch_size == 2
     ref = _direct(spec, variables, images, feature="stage1").mean(axis=(1, 2))
     np.testing.assert_allclose(fn(images), ref, rtol=1e-5, atol=1e-6)
-    assert fn(images[:0]).shape == (0, 8)
+    with pytest.raises(DN2Error, match="empty"):
+        fn(images[:0])
 
 
 def test_mixed_sizes_keep_input_order():
@@ -111,6 +112,97 @@ def test_bad_input_rejected_before_compute():
         embed([np.zeros((8, 8, 4), np.uint8)], spec, None)
     with pytest.raises(DN2Error, match="shape"):
         embed(np.zeros((8, 8), np.uint8), spec, None)
+    # one RGB image is not 32 grayscale images 3 pixels wide: refused, with the fix in the message
+    with pytest.raises(DN2Error, match=r"looks like a single image.*images\[None\]"):
+        embed(np.zeros((32, 32, 3), np.uint8), spec, None)
+    with pytest.raises(DN2Error, match="images is empty"):
+        embed(np.zeros((0, 8, 8, 3), np.uint8), spec, None)
+    with pytest.raises(DN2Error, match="images is empty"):
+        embed([], spec, None)
+    with pytest.raises(DN2Error, match=r"images\[0\] must be one image"):
+        embed([np.zeros((1, 8, 8, 3), np.uint8)], spec, None)
+    fn = make_embed_fn(spec, _tiny_variables())
+    with pytest.raises(DN2Error, match="looks like a single image"):
+        fn(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_unambiguous_layouts_agree():
+    """(N, H, W) and (N, H, W, 1) are the same grayscale batch; a list of (H, W) images too, even 3 wide."""
+    spec, variables = _tiny_spec(), _tiny_variables()
+    gray = _images(3, 20, 24, None, seed=4)
+    want = embed(gray, spec, variables, progress=False)
+    np.testing.assert_array_equal(embed(gray[..., None], spec, variables, progress=False), want)
+    np.testing.assert_array_equal(embed(list(gray), spec, variables, progress=False), want)
+    np.testing.assert_array_equal(embed(gray[:1], spec, variables, progress=False), want[:1])
+    narrow = _images(2, 20, 3, None, seed=5)  # grayscale 3 px wide: as a list, or with a channel axis
+    np.testing.assert_array_equal(embed(list(narrow), spec, variables, progress=False),
+                                  embed(narrow[..., None], spec, variables, progress=False))
+
+
+_COMPILES: list[str] | None = None  # while a test counts: names of the embedding forward passes compiled
+
+
+def _on_compile(event, duration, **kwargs):
+    if _COMPILES is not None and event == "/jax/core/compile/backend_compile_duration":
+        if "_forward" in str(kwargs.get("fun_name")):
+            _COMPILES.append(kwargs["fun_name"])
+
+
+@functools.cache
+def _listen_to_compiles() -> None:
+    # Registered once per session (jax 0.6.x has no jax.monitoring unregister); idle unless counting.
+    jax.monitoring.register_event_duration_secs_listener(_on_compile)
+
+
+class _CompileCounter:
+    """Counts XLA compilations of the embedding forward pass (a jax.monitoring listener)."""
+
+    def __enter__(self):
+        global _COMPILES
+        _listen_to_compiles()
+        _COMPILES = self.names = []
+        return self
+
+    def __exit__(self, *exc):
+        global _COMPILES
+        _COMPILES = None
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+def test_one_compilation_per_image_shape_across_calls():
+    from dn2_jax.embedding import clear_embed_cache
+
+    clear_embed_cache()
+    spec, variables = _tiny_spec(), _tiny_variables()
+    with _CompileCounter() as compiles:
+        a = embed(_images(10, seed=6), spec, variables, batch_size=4, progress=False)  # 4 + 4 + 2 (padded)
+        assert compiles.count == 1
+        b = embed(_images(7, seed=7), spec, variables, batch_size=4, progress=False)  # another subset
+        assert compiles.count == 1, compiles.names
+        fn = make_embed_fn(spec, variables, batch_size=4)  # the same cached function
+        np.testing.assert_array_equal(fn(_images(7, seed=7)), b)
+        np.testing.assert_array_equal(fn(_images(9, seed=6)[:5]), a[:5])
+        assert compiles.count == 1
+        embed(_images(6, 30, 22, seed=8), spec, variables, batch_size=4, progress=False)  # a new shape
+        assert compiles.count == 2
+        mixed = [_images(1, 30, 22, seed=9)[0], _images(1, seed=10)[0]] * 3  # both shapes seen, 3 each
+        embed(mixed, spec, variables, batch_size=4, progress=False)
+        assert compiles.count == 2, compiles.names
+        # fewer images than a batch, of a shape already compiled: the full batch is reused
+        embed(_images(1, seed=11), spec, variables, batch_size=4, progress=False)
+        assert compiles.count == 2
+        # of a new shape: padded to a power of two (not the full batch), compiled once
+        one = embed(_images(1, 12, 12, seed=12), spec, variables, batch_size=4, progress=False)
+        embed(_images(1, 12, 12, seed=13), spec, variables, batch_size=4, progress=False)
+        assert compiles.count == 3
+    np.testing.assert_allclose(one, _direct(spec, variables, _images(1, 12, 12, seed=12)), rtol=1e-5, atol=1e-6)
+    fn = make_embed_fn(spec, variables, batch_size=4)
+    assert fn.padded_size(3, (20, 24, 3)) == 4 and fn.padded_size(1, (12, 12, 3)) == 1
+    assert fn.padded_size(3, (9, 9, 3)) == 4 and fn.padded_size(2, (9, 9, 3)) == 2
+    assert make_embed_fn(spec, variables, batch_size=64).padded_size(5) == 8
 
 
 def test_bad_options():

@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import dn2_jax as dn2
+from dn2_jax.knn import max_feature_magnitude
 
 
 def brute_sq_dists(queries, bank):
@@ -243,3 +244,94 @@ def test_l2_normalize_and_score_helpers():
     assert float(dn2.fpr_quantile(scores, 0.25)) == 3.0  # at most 25% of the scores lie strictly above
     with pytest.raises(dn2.DN2Error, match="fraction"):
         dn2.keep_lowest(scores, 0.0)
+
+
+# ------------------------------------------------------------------------------------- centering precision
+def _offset_data(offset, n=400, m=300, d=64):
+    rng = np.random.default_rng(8)
+    bank = (rng.normal(size=(n, d)) + offset).astype(np.float32)
+    queries = (rng.normal(size=(m, d)) + offset).astype(np.float32)
+    return queries, bank
+
+
+def _assert_exact_as_float64(d, i, queries, bank, k, rtol=1e-5):
+    ref = brute_sq_dists(queries, bank)
+    want_i = np.argsort(ref, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(i), want_i)
+    want = np.take_along_axis(ref, want_i, axis=1)
+    assert np.abs(np.asarray(d, np.float64) / want - 1).max() < rtol
+
+
+@pytest.mark.parametrize("offset", [100.0, 1e3])
+def test_shared_offset_keeps_float32_precision(offset):
+    queries, bank = _offset_data(offset)
+    d, i = dn2.knn(queries, bank, 3, block_size=128, query_block=64)
+    _assert_exact_as_float64(d, i, queries, bank, 3)
+    # The test is sensitive: without centering (centre 0), the same search loses precision.
+    d0, _ = dn2.knn(queries, bank, 3, center=np.zeros(bank.shape[1], np.float32))
+    ref = np.sort(brute_sq_dists(queries, bank), axis=1)[:, :3]
+    assert np.abs(np.asarray(d0, np.float64) / ref - 1).max() > 1e-4
+    # Streamed chunks share one centre (the first chunk's mean), leave-one-out too.
+    chunks = [(0, bank[:150]), (150, bank[150:])]
+    _assert_exact_as_float64(*dn2.knn_chunks(queries, chunks, 3, block_size=64), queries, bank, 3)
+    loo = np.asarray(dn2.self_knn_score(bank, 2), np.float64)
+    ref_self = brute_sq_dists(bank, bank)
+    np.fill_diagonal(ref_self, np.inf)
+    np.testing.assert_allclose(loo, np.sort(ref_self, axis=1)[:, :2].mean(1), rtol=1e-5)
+
+
+def test_precomputed_centre_and_norms_give_the_same_result(data):
+    queries, bank = data
+    c = dn2.bank_center(bank)
+    assert c.shape == (24,) and c.dtype == jnp.float32
+    d0, i0 = dn2.knn(queries, bank, 3)
+    d1, i1 = dn2.knn(queries, bank, 3, center=c, bank_sq_norms=dn2.squared_norms(bank, c))
+    np.testing.assert_array_equal(i0, i1)
+    np.testing.assert_array_equal(d0, d1)
+    # any centre gives the same distances up to rounding
+    d2, i2 = dn2.knn(queries, bank, 3, center=np.full(24, 0.5, np.float32))
+    np.testing.assert_array_equal(i0, i2)
+    np.testing.assert_allclose(d0, d2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(dn2.DN2Error, match="center must have shape"):
+        dn2.knn(queries, bank, 3, center=np.zeros(5, np.float32))
+
+
+# ------------------------------------------------------------------------------------ exclude and overflow
+def test_exclude_accepts_a_list_and_refuses_bad_rows(data):
+    queries, bank = data
+    m, n = len(queries), len(bank)
+    rows = [int(r) for r in np.arange(m) * 3]
+    as_list = dn2.knn(queries, bank, 2, exclude=rows)
+    as_array = dn2.knn(queries, bank, 2, exclude=np.asarray(rows))
+    np.testing.assert_array_equal(as_list[1], as_array[1])
+    assert not (np.asarray(as_list[1]) == np.asarray(rows)[:, None]).any()
+    none = dn2.knn(queries, bank, 2, exclude=[-1] * m)
+    np.testing.assert_array_equal(none[1], dn2.knn(queries, bank, 2)[1])
+    # 2**32 would wrap to 0 in int32 and exclude row 0; n is one past the last row; -2 is not "none".
+    for bad in (np.full(m, n), np.full(m, -2), np.full(m, 2**32, np.int64), np.zeros(m, np.float32),
+                np.zeros(m, bool), [0.5] * m, np.zeros(m + 1, np.int32)):
+        with pytest.raises(dn2.DN2Error, match="exclude must"):
+            dn2.knn(queries, bank, 2, exclude=bad)
+
+
+def test_exclude_is_checked_for_shape_only_under_jit(data):
+    queries, bank = data
+    m = len(queries)
+    jitted = jax.jit(lambda e: dn2.knn(queries, bank, 2, exclude=e)[1])(jnp.arange(m, dtype=jnp.int32))
+    np.testing.assert_array_equal(jitted, dn2.knn(queries, bank, 2, exclude=np.arange(m))[1])
+
+
+@pytest.mark.parametrize("which", ["queries", "bank"])
+def test_values_whose_squares_overflow_float32_are_refused(data, which):
+    queries, bank = data
+    big = {"queries": queries, "bank": bank}
+    big[which] = big[which] * np.float32(1e30)
+    with pytest.raises(dn2.DN2Error, match=f"{which} has values up to .*overflow float32"):
+        dn2.knn(big["queries"], big["bank"], 2)
+    with pytest.raises(dn2.DN2Error, match="overflow float32"):  # device arrays are checked on device
+        dn2.knn(jnp.asarray(big["queries"]), jnp.asarray(big["bank"]), 2)
+    # just under the limit: finite, correct distances
+    scale = np.float32(0.9 * max_feature_magnitude(24) / np.abs(np.concatenate([queries, bank])).max())
+    d, i = dn2.knn(queries * scale, bank * scale, 2)
+    assert np.isfinite(np.asarray(d)).all()
+    np.testing.assert_array_equal(i, dn2.knn(queries, bank, 2)[1])

@@ -82,6 +82,11 @@ def test_presets():
         (np.zeros((2, 8, 8, 2), np.uint8), "C = 1 or 3"),
         (np.zeros((1, 2, 8, 8, 3), np.uint8), "shape"),
         (np.zeros((2, 0, 8, 3), np.uint8), "pixel"),
+        (np.zeros((0, 8, 8, 3), np.uint8), "images is empty"),
+        (np.zeros((0, 8, 8), np.uint8), "images is empty"),
+        (np.zeros((32, 32, 3), np.uint8), r"looks like a single image.*images\[None\]"),
+        (np.zeros((32, 32, 4), np.uint8), "looks like a single image"),
+        (np.zeros((32, 32, 1), np.uint8), r"\(N, H, W, 1\)"),
     ],
 )
 def test_bad_input(images, match):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from dn2_jax.errors import DN2Error
 from dn2_jax.knn import knn, self_knn_score, threshold
 from dn2_jax.sharding import (
+    ShardedBank,
     data_mesh,
     initialize_distributed,
     knn_recall,
@@ -95,6 +97,56 @@ def test_leave_one_out_over_four_devices(four_devices, k):
     if k == 1:  # row 3 has exact duplicates (rows 20, 27) on other shards: its distance is 0, not its own
         assert r["loo1"][3] == 0 and r["loo1"][20] == 0
     np.testing.assert_array_equal(r["clean"], r["ref_clean"])
+
+
+def test_offset_bank_is_centred_globally_over_four_devices(four_devices):
+    r = four_devices
+    q, b = r["offset_q"].astype(np.float64), r["offset_b"].astype(np.float64)
+    ref = ((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    want_i = np.argsort(ref, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(r["offset_i"], want_i)
+    np.testing.assert_allclose(r["offset_d"], np.take_along_axis(ref, want_i, axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_bank_passes_through_jit_on_four_devices(four_devices):
+    r = four_devices
+    np.testing.assert_array_equal(r["jit_i3"], r["i3"])
+    np.testing.assert_array_equal(r["jit_d3"], r["d3"])
+
+
+def test_sharded_bank_is_a_pytree():
+    bank, queries = bank_and_queries()
+    sb = shard_bank(bank, data_mesh())
+    leaves, treedef = jax.tree_util.tree_flatten(sb)
+    assert len(leaves) == 4  # rows, sq_norms, row_ids, center; size/mesh/axis are static metadata
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt.rows is sb.rows and rebuilt.center is sb.center and rebuilt.size == sb.size
+    np.testing.assert_allclose(sb.center, np.asarray(bank, np.float64).mean(0), atol=0.5 * np.abs(bank).mean())
+    same = jax.jit(lambda b: b)(sb)
+    assert isinstance(same, ShardedBank) and same.size == sb.size and same.mesh == sb.mesh
+    eager = sharded_knn(queries, sb, 2)
+    jitted = jax.jit(lambda q, b: sharded_knn(q, b, 2, exclude=jnp.zeros(len(q), jnp.int32)))(queries, sb)
+    excluded = sharded_knn(queries, sb, 2, exclude=np.zeros(len(queries), np.int32))
+    np.testing.assert_array_equal(jitted[1], excluded[1])
+    assert not np.array_equal(np.asarray(eager[1]), np.asarray(excluded[1]))  # row 0 really was excluded
+
+
+def test_sharded_input_validation():
+    bank, queries = bank_and_queries()
+    sb = shard_bank(bank, data_mesh())
+    as_list = sharded_knn(queries, sb, 2, exclude=list(range(len(queries))))
+    as_array = sharded_knn(queries, sb, 2, exclude=np.arange(len(queries)))
+    np.testing.assert_array_equal(as_list[1], as_array[1])
+    m = len(queries)
+    for bad in (np.full(m, 29), np.full(m, -2), np.full(m, 2**32), np.zeros(m, np.float32), np.zeros(m, bool)):
+        with pytest.raises(DN2Error, match="exclude must"):
+            sharded_knn(queries, sb, 2, exclude=bad)
+    with pytest.raises(DN2Error, match="overflow float32"):
+        sharded_knn(queries * np.float32(1e30), sb, 2)
+    with pytest.raises(DN2Error, match="bank has values up to"):
+        shard_bank(bank * np.float32(1e30))
+    with pytest.raises(DN2Error, match="overflow float32"):
+        shard_bank(jnp.asarray(bank) * 1e30)
 
 
 def test_device_resident_bank_on_four_devices(four_devices):
