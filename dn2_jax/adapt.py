@@ -231,7 +231,11 @@ def _frozen(name: str, prefixes: Sequence[str]) -> bool:
 def trainable_mask(params: Any, freeze: Sequence[str]) -> Any:
     """Tree of bools like `params`: False under a top-level module named by `freeze` (an exact name, or a
     prefix ending in '_' such as 'layer1_')."""
-    return {name: jax.tree.map(lambda _, keep=not _frozen(name, freeze): keep, sub) for name, sub in params.items()}
+    out = {}
+    for name, sub in params.items():
+        keep = not _frozen(name, freeze)
+        out[name] = jax.tree.map(lambda _, keep=keep: keep, sub)
+    return out
 
 
 def make_optimizer(cfg: AdaptConfig, mask: Any, steps: int) -> optax.GradientTransformation:
