@@ -148,11 +148,12 @@ class EfficientNetLite(nn.Module):
     depth: float = 1.0
     num_classes: int = NUM_CLASSES
     dtype: Any = jnp.float32
+    train: bool = False  # BatchNorm on batch statistics, updating 'batch_stats' (dn2_jax.adapt); else inference
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3,
+        norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.99, epsilon=1e-3,
                                  dtype=self.dtype)
         act = nn.relu6
         feats = {}

@@ -93,11 +93,12 @@ class ResNet(nn.Module):
     block_cls: type[nn.Module]
     num_classes: int = 1000
     dtype: Any = jnp.float32
+    train: bool = False  # BatchNorm on batch statistics, updating 'batch_stats' (dn2_jax.adapt); else inference
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-5, dtype=self.dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, epsilon=1e-5, dtype=self.dtype)
         out = {}
         x = conv(64, (7, 7), 2, padding=_pad(3), name="conv1")(x.astype(self.dtype))
         x = nn.relu(norm(name="bn1")(x))
