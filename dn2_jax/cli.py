@@ -21,6 +21,13 @@ from dn2_jax.errors import DN2Error
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dn2-jax")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one `dn2: error:` line (exit 2), like every other user mistake."""
+
+    def error(self, message: str):
+        raise DN2Error(f"{self.prog.removeprefix('dn2').strip() or 'dn2'}: {message}")
+
+
 def _classes(text: str) -> tuple[int, ...] | None:
     if text == "all":
         return None
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dn2_jax.detector import DetectorConfig
     from dn2_jax.evaluation import EvalConfig
 
-    parser = argparse.ArgumentParser(prog="dn2", description="Deep Nearest Neighbor Anomaly Detection (JAX)")
+    parser = _Parser(prog="dn2", description="Deep Nearest Neighbor Anomaly Detection (JAX)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="the paper's protocols: ROC-AUC per normal class")
@@ -245,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         args.func(args)
     except DN2Error as e:  # user mistakes: one line, no traceback
         print(f"dn2: error: {e}", file=sys.stderr)

@@ -137,10 +137,10 @@ def check_new_output(path: str | os.PathLike, what: str, *, overwrite: bool = Fa
     """Checks, before any compute, that `path` can be written: the right suffix, not an existing directory
     (unless `what` is one and `overwrite`), and its nearest existing parent a writable directory."""
     path = Path(path)
+    if suffixes is not None and path.is_dir():
+        raise DN2Error(f"{what} '{path}' is a directory")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise DN2Error(f"{what} '{path}' must end in {' or '.join(suffixes)}")
-    if path.exists() and (suffixes is not None and path.is_dir()):
-        raise DN2Error(f"{what} '{path}' is a directory")
     if path.exists() and suffixes is None and not overwrite:
         raise DN2Error(f"{what} '{path}' already exists; pass --overwrite to replace it")
     parent = path.absolute().parent
