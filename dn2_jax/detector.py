@@ -254,7 +254,7 @@ class Detector:
     @property
     def bank_size(self) -> int:
         """Images in the bank (after cleaning)."""
-        return len(self._fitted()[0])
+        return len(self._fitted()[1])
 
     @property
     def bank(self) -> np.ndarray:
