@@ -3,12 +3,14 @@
 Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_backbone`, `load_variables`)
 -> embedding (`embed`, `make_embed_fn`) -> stores (`extract_to_store`, `open_store`) -> DN2 math (`knn_score`,
 `clean`, `pool_groups`, `threshold`) -> evaluation (`roc_auc`, `evaluate`).
+`Detector` ties them into one object: fit / score / predict / p_values / neighbours / save / load.
 """
 
 __version__ = "0.1.0"
 
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
 from dn2_jax.data import DATASET_NAMES, Dataset, load_dataset
+from dn2_jax.detector import Detector, DetectorConfig, Query
 from dn2_jax.embedding import embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
@@ -68,3 +70,4 @@ __all__ = [
     "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
     "threshold", "train_test_groups", "write_store",
 ]
+__all__ += ["Detector", "DetectorConfig", "Query"]
