@@ -41,10 +41,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_fields(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None,
+def add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None,
                 skip: tuple[str, ...] = ()) -> None:
     """One flag per field of dataclass `cls` (all, or `names`), typed and documented from the field; the
-    default is left out of the namespace, so `_given` tells what the user passed."""
+    default is left out of the namespace, so `given_settings` tells what the user passed."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if (names is not None and f.name not in names) or f.name in skip:
@@ -66,7 +66,7 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | 
         p.add_argument(_flag(f.name), **kw)
 
 
-def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` the user passed on the command line."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="the paper's protocols: ROC-AUC per normal class")
-    _add_fields(p, EvalConfig, skip=("quick", "cache_dir"))
+    add_config_flags(p, EvalConfig, skip=("quick", "cache_dir"))
     p.add_argument("--full", action="store_true", default=argparse.SUPPRESS,
                    help="full train and test splits (default: a quick subsample; semi and unsupervised modes)")
     p.add_argument("--out", default="runs/eval", help="output directory (results.json, roc.png, scores.png)")
@@ -128,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir")
     p.add_argument("--class", dest="class_", type=int, help="only images of this class (a one-class bank)")
-    _add_fields(p, DetectorConfig, names=features)
+    add_config_flags(p, DetectorConfig, names=features)
     p.add_argument("--chunk-size", type=int, default=4096, help="images per atomically committed chunk")
     p.add_argument("--out", required=True, help="store directory")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("fit", help="fit a detector to normal images and save it (a directory)")
     _add_source(p, "train", queries=False)
-    _add_fields(p, DetectorConfig)
+    add_config_flags(p, DetectorConfig)
     p.add_argument("--out", required=True, help="detector directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing detector at --out")
     p.set_defaults(func=cmd_fit)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score images with a saved detector: score, p-value, decision, neighbours")
     p.add_argument("detector", help="a detector directory written by `dn2 fit`")
     _add_source(p, "test", queries=True)
-    _add_fields(p, DetectorConfig, names=("k", "fpr", "weights", "batch_size"))
+    add_config_flags(p, DetectorConfig, names=("k", "fpr", "weights", "batch_size"))
     p.add_argument("--out", help="write the report here: .json or .csv (default: print)")
     p.add_argument("--gallery", help="PNG: the most anomalous images beside their nearest normal images")
     p.add_argument("--top", type=int, default=argparse.SUPPRESS, help="rows of --gallery (default: 8)")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args) -> None:
     from dn2_jax import evaluation
 
-    given = {k: v for k, v in _given(args, evaluation.EvalConfig).items() if k not in ("quick", "cache_dir")}
+    given = {k: v for k, v in given_settings(args, evaluation.EvalConfig).items() if k not in ("quick", "cache_dir")}
     mode = given.get("mode", "semi")
     if mode in evaluation.MODES:
         for name in given:
@@ -193,7 +193,7 @@ def cmd_embed(args) -> None:
     from dn2_jax.detector import DetectorConfig
     from dn2_jax.evaluation import embed_split
 
-    config = DetectorConfig(**_given(args, DetectorConfig))
+    config = DetectorConfig(**given_settings(args, DetectorConfig))
     st = embed_split(args.out, config, args.dataset, args.split, data_dir=args.data_dir, class_=args.class_,
                      chunk_size=args.chunk_size)
     print(f"wrote {args.out}: {st.count} embeddings of dim {st.dim} ({st.metadata['backbone']})")
@@ -203,7 +203,7 @@ def cmd_fit(args) -> None:
     from dn2_jax import scoring
     from dn2_jax.detector import DetectorConfig
 
-    given = _given(args, DetectorConfig)
+    given = given_settings(args, DetectorConfig)
     if args.store is not None:
         config = scoring.store_config(args.store, **given)
     else:
@@ -226,7 +226,7 @@ def cmd_score(args) -> None:
         raise DN2Error("--top only applies with --gallery")
     if args.gallery is not None and args.queries is not None:
         raise DN2Error("--gallery needs the images themselves (--images or --dataset), not --queries")
-    det, note = scoring.load_detector(args.detector, **_given(args, DetectorConfig))
+    det, note = scoring.load_detector(args.detector, **given_settings(args, DetectorConfig))
     if note:
         print(f"dn2 score: {note}", file=sys.stderr)
     report = scoring.score_source(det, _source(args, "test"))

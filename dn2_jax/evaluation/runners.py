@@ -77,7 +77,9 @@ def _auc(scores, labels) -> float:
     return float(roc_auc(np.asarray(scores, np.float32), labels))
 
 
-def _classes(cfg: EvalConfig, n_classes: int, class_names: Sequence[str]) -> list[int]:
+def select_classes(cfg: EvalConfig, train: Dataset) -> list[int]:
+    """The normal classes of `cfg` (all when None), checked against the dataset's."""
+    n_classes, class_names = len(train.class_names), train.class_names
     if cfg.classes is None:
         return list(range(n_classes))
     bad = [c for c in cfg.classes if not 0 <= c < n_classes]
@@ -89,35 +91,42 @@ def _classes(cfg: EvalConfig, n_classes: int, class_names: Sequence[str]) -> lis
     return list(cfg.classes)
 
 
-def _quick_sizes(cfg: EvalConfig, train: Dataset, test: Dataset, classes: list[int], log: _Log) -> EvalConfig:
-    """With cfg.quick: bank_size/test_size not given take the quick subsample, capped at what the data has."""
+def quick_sizes(cfg: EvalConfig, train: Dataset, test: Dataset, classes: Sequence[int],
+                printer: Callable[[str], None] | None = print) -> EvalConfig:
+    """`cfg` with the quick subsample's bank_size/test_size when cfg.quick and neither is given, capped at what
+    the data has (the smallest normal class, the test split); says so through `printer`."""
     if not cfg.quick or cfg.mode == "group" or cfg.dataset.startswith("mvtec:"):
         return cfg
     if cfg.bank_size is not None or cfg.test_size is not None:
         return cfg
     smallest = min(int(np.sum(train.labels == c)) for c in classes)
     sizes = {"bank_size": min(QUICK["bank_size"], smallest), "test_size": min(QUICK["test_size"], len(test))}
-    log.print(f"quick run on a subsample ({sizes['bank_size']} train images per class, {sizes['test_size']} of "
-              f"{len(test)} test images, stratified); add --full for the paper's full protocol.")
+    if printer is not None:
+        printer(f"quick run on a subsample ({sizes['bank_size']} train images per class, {sizes['test_size']} of "
+                f"{len(test)} test images, stratified); add --full for the paper's full protocol.")
     return dataclasses.replace(cfg, **sizes)
 
 
-def _run_semi(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
-    n_classes = len(train.class_names)
+def one_class_splits(cfg: EvalConfig, train: Dataset, test: Dataset,
+                     classes: Sequence[int]) -> dict[str, protocols.OneClassSplit]:
+    """The semi-supervised (one-class) protocol's split per normal class, by class name (MVTec-style folders:
+    one split, train/good vs every test image). The same splits for every runner and launcher."""
     if cfg.dataset.startswith("mvtec:"):
-        splits = {0: protocols.mvtec_split(train.labels, test.labels)}
-        names = {0: cfg.dataset.split(":", 1)[1].rstrip("/").split("/")[-1]}
-    else:
-        kw = dict(bank_size=cfg.bank_size, test_size=cfg.test_size, n_classes=n_classes, seed=cfg.seed)
-        splits = {c: protocols.one_class(train.labels, test.labels, c, **kw) for c in classes}
-        names = {c: train.class_names[c] for c in classes}
+        name = cfg.dataset.split(":", 1)[1].rstrip("/").split("/")[-1]
+        return {name: protocols.mvtec_split(train.labels, test.labels)}
+    kw = dict(bank_size=cfg.bank_size, test_size=cfg.test_size, n_classes=len(train.class_names), seed=cfg.seed)
+    return {train.class_names[c]: protocols.one_class(train.labels, test.labels, c, **kw) for c in classes}
+
+
+def _run_semi(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
+    splits = one_class_splits(cfg, train, test, classes)
     for c, split in splits.items():
-        _check_k_fits(cfg.k, len(split.bank), f"of class '{names[c]}'")
+        _check_k_fits(cfg.k, len(split.bank), f"of class '{c}'")
     train_of = _embedder(extract, log, train, [s.bank for s in splits.values()])
     test_of = _embedder(extract, log, test, [s.test for s in splits.values()])
     for c, split in splits.items():
         scores = _score(cfg, train_of(split.bank), test_of(split.test))
-        yield ClassResult(names[c], _auc(scores, split.test_anomaly), scores, split.test_anomaly, len(split.bank))
+        yield ClassResult(c, _auc(scores, split.test_anomaly), scores, split.test_anomaly, len(split.bank))
 
 
 def _run_unsupervised(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
@@ -197,10 +206,10 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     train = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test = load_dataset(cfg.dataset, "test", cfg.data_dir)
     log.timing("load_s", time.perf_counter() - t_start)
-    classes = _classes(cfg, len(train.class_names), train.class_names)
+    classes = select_classes(cfg, train)
     if cfg.backbone == PIXELS and not isinstance(train.images, np.ndarray):
         raise DN2Error("the raw-pixel baseline needs images of one size; this dataset mixes sizes")
-    cfg = _quick_sizes(cfg, train, test, classes, log)
+    cfg = quick_sizes(cfg, train, test, classes, log.print)
     t0 = time.perf_counter()
     extract = extractor or FeatureExtractor.from_config(cfg, cache_dir=cfg.cache_dir)
     log.timing("load_s", time.perf_counter() - t0)
