@@ -225,8 +225,8 @@ def format_report(report: ScoreReport, limit: int | None = None) -> str:
     for row in report.rows()[:limit]:
         nearest = row["neighbours"][0]
         flag = "ANOMALOUS" if row["anomalous"] else "normal"
-        lines.append(f"{row['score']:.6g}  p={row['p_value']:.3f}  {flag:<9}  {row['id']}  "
-                     f"(nearest normal: {nearest['id']}, d²={nearest['sq_dist']:.4g})")
+        lines.append(f"{row['score']:.6g}  p={row['p_value']:.3f}  {flag:<9}  {_display(row['id'])}  "
+                     f"(nearest normal: {_display(nearest['id'])}, d²={nearest['sq_dist']:.4g})")
     s = report.summary()
     lines.append(f"{s['images']} images: {s['anomalous']} anomalous, {s['normal']} normal (threshold "
                  f"{s['threshold']:.6g} at target FPR {s['fpr']}, k={s['k']})")
@@ -271,13 +271,14 @@ def gallery(report: ScoreReport, path: str | os.PathLike, *, top: int = 8, data_
                              layout="constrained")
     for r, i in enumerate(order):
         row = rows[i]
-        panels = [(report.source.images[i], f"{_short(row['id'])}\nscore {row['score']:.3g}, p {row['p_value']:.2g}")]
+        title = f"{_short(_display(row['id']))}\nscore {row['score']:.3g}, p {row['p_value']:.2g}"
+        panels = [(report.source.images[i], title)]
         for n in row["neighbours"]:
             try:
                 image = load_image(str(n["id"]), data_dir)
             except (DN2Error, DN2FileError):
                 image = None  # e.g. a bank fitted from arrays without names: the id is shown alone
-            panels.append((image, f"{_short(str(n['id']))}\nd² {n['sq_dist']:.3g}"))
+            panels.append((image, f"{_short(_display(n['id']))}\nd² {n['sq_dist']:.3g}"))
         for c, (image, title) in enumerate(panels):
             ax = axes[r, c]
             if image is not None:
@@ -285,13 +286,21 @@ def gallery(report: ScoreReport, path: str | os.PathLike, *, top: int = 8, data_
             ax.set_title(title, fontsize=6, color="crimson" if c == 0 and row["anomalous"] else "black")
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_xlabel("query", fontsize=7)
+    axes[-1, 0].set_xlabel("query", fontsize=7)
     for c in range(1, cols):
-        axes[0, c].set_xlabel(f"nearest normal #{c}", fontsize=7)
+        axes[-1, c].set_xlabel(f"nearest normal #{c}", fontsize=7)
     fig.suptitle("most anomalous images (left) and their nearest normal images", fontsize=8)
     _write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path
+
+
+def _display(name: Any) -> str:
+    """A name as printed: a path under the working directory relative to it."""
+    name = str(name)
+    if os.path.isabs(name) and not os.path.relpath(name).startswith(".."):
+        return os.path.relpath(name)
+    return name
 
 
 def _short(name: str, width: int = 28) -> str:
