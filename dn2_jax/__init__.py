@@ -71,3 +71,18 @@ __all__ = [
     "threshold", "train_test_groups", "write_store",
 ]
 __all__ += ["Detector", "DetectorConfig", "Query"]
+from dn2_jax.scoring import (  # noqa: E402  (the `dn2 fit` / `dn2 score` steps as library calls)
+    ScoreReport,
+    Source,
+    dataset_source,
+    fit_detector,
+    folder_source,
+    gallery,
+    load_detector,
+    score_source,
+    store_source,
+    write_report,
+)
+
+__all__ += ["ScoreReport", "Source", "dataset_source", "fit_detector", "folder_source", "gallery", "load_detector",
+            "score_source", "store_source", "write_report"]
