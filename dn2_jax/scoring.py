@@ -110,10 +110,11 @@ def store_source(path: str | os.PathLike) -> Source:
     """An embedding store (`dn2 embed` output); its rows are named ``DATASET@SPLIT#ID`` from its metadata."""
     from dn2_jax import store
 
+    path = Path(path).absolute()
     st = store.open_store(path)
     meta = st.metadata
     names = [dataset_ref(meta["dataset"], meta["split"], i) for i in st.ids]
-    return Source(None, names, store=Path(path), labels=st.labels)
+    return Source(None, names, store=path, labels=st.labels)
 
 
 def store_config(path: str | os.PathLike, **settings: Any):
@@ -122,7 +123,7 @@ def store_config(path: str | os.PathLike, **settings: Any):
     from dn2_jax import store
     from dn2_jax.detector import DetectorConfig
 
-    meta = store.open_store(path).metadata
+    meta = store.open_store(Path(path).absolute()).metadata
     derived = {"backbone": meta["backbone"], "input_size": meta.get("input_size"),
                "dtype": meta.get("compute_dtype", "float32")}
     for key, value in derived.items():
