@@ -42,9 +42,10 @@ def _flag(name: str) -> str:
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None,
-                skip: tuple[str, ...] = ()) -> None:
+                     skip: tuple[str, ...] = (), default: str | None = None) -> None:
     """One flag per field of dataclass `cls` (all, or `names`), typed and documented from the field; the
-    default is left out of the namespace, so `given_settings` tells what the user passed."""
+    default is left out of the namespace, so `given_settings` tells what the user passed. `default` replaces
+    the field defaults shown in the help (e.g. "the detector's")."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if (names is not None and f.name not in names) or f.name in skip:
@@ -52,8 +53,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ..
         kind = hints[f.name]
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = "" if f.default is None else f" (default: {f.default})"
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "") + default)
+        shown = default if default is not None else (None if f.default is None else f.default)
+        note = "" if shown is None else f" (default: {shown})"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "") + note)
         if kind is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score images with a saved detector: score, p-value, decision, neighbours")
     p.add_argument("detector", help="a detector directory written by `dn2 fit`")
     _add_source(p, "test", queries=True)
-    add_config_flags(p, DetectorConfig, names=("k", "fpr", "weights", "batch_size"))
+    add_config_flags(p, DetectorConfig, names=("k", "fpr", "weights", "batch_size"), default="the detector's")
     p.add_argument("--out", help="write the report here: .json or .csv (default: print)")
     p.add_argument("--gallery", help="PNG: the most anomalous images beside their nearest normal images")
     p.add_argument("--top", type=int, default=argparse.SUPPRESS, help="rows of --gallery (default: 8)")
