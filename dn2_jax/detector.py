@@ -611,6 +611,16 @@ class Detector:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
 
+    @staticmethod
+    def saved_config(path: str | os.PathLike) -> DetectorConfig:
+        """The config a detector was saved with, read from its manifest only (no bank, no backbone)."""
+        path = Path(path).absolute()
+        manifest = _read_manifest(path)
+        try:
+            return DetectorConfig.from_dict(manifest["config"])
+        except DN2Error as e:
+            raise DN2FileError(f"detector '{path}': its saved config is invalid ({e})") from e
+
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides: Any) -> Detector:
         """A saved detector. `overrides` may change settings that leave the bank valid: `weights` (must
@@ -621,15 +631,12 @@ class Detector:
 
         path = Path(path).absolute()
         manifest = _read_manifest(path)
+        saved_config = cls.saved_config(path)
         allowed = ("weights", "batch_size", "fpr", "k")
         if bad := [name for name in overrides if name not in allowed]:
             _check_field_names(bad)
             raise DN2Error(f"{', '.join(bad)} cannot change for a saved detector (it changes its features or "
                            f"bank); settings that can: {', '.join(allowed)}")
-        try:
-            saved_config = DetectorConfig.from_dict(manifest["config"])
-        except DN2Error as e:
-            raise DN2FileError(f"detector '{path}': its saved config is invalid ({e})") from e
         det = cls(saved_config.replace(**overrides))
         saved = manifest["identity"]
         now = det.identity
@@ -644,8 +651,8 @@ class Detector:
                               if now[key] != saved.get(key))
             raise DN2Error(f"detector '{path}' was fitted with other features than this dn2_jax computes: {diffs}")
         try:
-            bank = store.open_store(path / "bank", expect=saved, verify=True)
-            cal = store.open_store(path / "calibration", expect=saved, verify=True)
+            bank = store.open_store(path / "bank", expect=saved)  # arrays are checked (sha256) as they are read
+            cal = store.open_store(path / "calibration", expect=saved)
             features, ids = bank.embeddings(), bank.ids
             kept, calibration = cal.ids, cal.embeddings()[:, 0]
         except (DN2Error, DN2FileError) as e:

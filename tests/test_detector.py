@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -189,6 +190,7 @@ def test_save_load_round_trip(tmp_path):
 def test_load_overrides_k_recomputes_calibration_and_refuses_feature_settings(tmp_path):
     bank = gaussian(40)
     raw_detector(k=2).fit_features(bank).save(tmp_path / "det")
+    assert Detector.saved_config(tmp_path / "det") == DetectorConfig(backbone="pixels", normalize=False, k=2)
     at5 = Detector.load(tmp_path / "det", k=5, fpr=0.2)
     fresh = raw_detector(k=5, fpr=0.2).fit_features(bank)
     np.testing.assert_array_equal(at5.calibration_scores, fresh.calibration_scores)
@@ -293,6 +295,15 @@ def test_bad_input_raises_one_clear_error(tmp_path):
         Detector.load(tmp_path / "other")
     with pytest.raises(DN2FileError, match="does not exist"):
         Detector.load(tmp_path / "missing")
+    manifest = json.loads((tmp_path / "det" / "detector.json").read_text())
+    (tmp_path / "det" / "detector.json").write_text(json.dumps({**manifest, "identity": {
+        **manifest["identity"], "preset": "pixels/256"}}))
+    with pytest.raises(DN2Error, match="other features.*preset: saved 'pixels/256', now 'pixels/255'"):
+        Detector.load(tmp_path / "det")
+    (tmp_path / "det" / "detector.json").write_text(json.dumps(manifest))
+    os.remove(tmp_path / "det" / "bank" / "manifest.json")
+    with pytest.raises(DN2FileError, match="damaged.*bank"):
+        Detector.load(tmp_path / "det")
     (tmp_path / "det" / "detector.json").write_text("{")
     with pytest.raises(DN2FileError, match="damaged"):
         Detector.load(tmp_path / "det")
@@ -362,5 +373,21 @@ def test_detector_auc_equals_dn2_eval_backbone_on_mixed_sizes(tmp_path):
     assert isinstance(dn2.load_dataset(dataset, "train").images, list)  # mixed sizes: grouped by shape
     kw = dict(backbone="efficientnet_lite0", input_size=32, batch_size=8)
     res, _ = dn2.evaluate(dn2.EvalConfig(dataset=dataset, classes=(1,), **kw), printer=None)
-    auc = _auc_of_detector(Detector(**kw), dataset, 1)
+    det = Detector(**kw)
+    auc = _auc_of_detector(det, dataset, 1)
     assert abs(auc - res["mean"]) <= 1e-6
+    # One jitted embedding per detector: shapes seen once never compile again, whatever the number of images.
+    compiles = []
+
+    def listen(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    test = dn2.load_dataset(dataset, "test")
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        det.score(test.images)
+        det.embed(test.images[:5] + test.images[-4:], raw=True)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
