@@ -173,9 +173,7 @@ def load_detector(path: str | os.PathLike, **overrides: Any) -> tuple[Any, str |
     note says so."""
     from dn2_jax.detector import Detector
 
-    if "k" not in overrides:
-        return Detector.load(path, **overrides), None
-    fitted_k = Detector.load(path).config.k
+    fitted_k = Detector.saved_config(path).k
     det = Detector.load(path, **overrides)
     if det.config.k == fitted_k:
         return det, None
