@@ -69,8 +69,9 @@ class FeatureExtractor:
             raise DN2Error(f"no images to embed from {ds.name} ({ds.split})")
         meta = dict(metadata) if metadata is not None else self.metadata(ds)
         order, images = _by_shape(ds.images, indices)
-        return store.extract_to_store(Path(path).absolute(), images, self._embed_batch, metadata=meta, labels=ds.labels[order],
-                                      ids=order, chunk_size=chunk_size, batch_size=self.batch_size)
+        return store.extract_to_store(Path(path).absolute(), images, self._embed_batch, metadata=meta,
+                                      labels=ds.labels[order], ids=order, chunk_size=chunk_size,
+                                      batch_size=self.batch_size)
 
     def _embed_batch(self, batch) -> np.ndarray:
         return self.embed(list(batch) if batch.dtype == object else batch)
