@@ -3,12 +3,14 @@
 Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_backbone`, `load_variables`)
 -> embedding (`embed`, `make_embed_fn`) -> stores (`extract_to_store`, `open_store`) -> DN2 math (`knn_score`,
 `clean`, `pool_groups`, `threshold`) -> evaluation (`roc_auc`, `evaluate`).
+`Detector` ties them into one object: fit / score / predict / p_values / neighbours / save / load.
 """
 
 __version__ = "0.1.0"
 
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
 from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, load_dataset, max_image_pixels
+from dn2_jax.detector import Detector, DetectorConfig, Query
 from dn2_jax.embedding import clear_embed_cache, embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
@@ -89,3 +91,19 @@ __all__ = [
     "bank_center", "blocked_knn", "check_exclude", "check_features", "clear_embed_cache", "ShardedBank",
 ]
 __all__ += ["decode_image", "decode_images", "max_image_pixels"]
+__all__ += ["Detector", "DetectorConfig", "Query"]
+from dn2_jax.scoring import (  # noqa: E402  (the `dn2 fit` / `dn2 score` steps as library calls)
+    ScoreReport,
+    Source,
+    dataset_source,
+    fit_detector,
+    folder_source,
+    gallery,
+    load_detector,
+    score_source,
+    store_source,
+    write_report,
+)
+
+__all__ += ["ScoreReport", "Source", "dataset_source", "fit_detector", "folder_source", "gallery", "load_detector",
+            "score_source", "store_source", "write_report"]

@@ -1,99 +1,154 @@
 """The ``dn2`` command: eval, embed, fit, score, convert.
 
-User mistakes print one line, ``dn2: error: ...``, and exit with status 2; nothing half-written is left.
+Argument parsing and calls into library objects only. The flags of settings are derived from the settings
+dataclasses (`EvalConfig`, `DetectorConfig`: name, type, help and choices from each field), and a flag the
+user did not pass keeps the dataclass default; a flag that does not apply to the chosen mode or source is an
+error. User mistakes print one line, ``dn2: error: ...``, and exit with status 2; nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
-from pathlib import Path
-
-import numpy as np
+import types
+import typing
+from typing import Any
 
 from dn2_jax.errors import DN2Error
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dn2-jax")
-# The main job on the offline default: a subsample sized to finish in a few minutes on 2 CPU cores.
-QUICK = {"bank_size": 100, "test_size": 1000}
 
 
-def _classes(text: str | None) -> tuple[int, ...] | None:
-    if text in (None, "all"):
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one `dn2: error:` line (exit 2), like every other user mistake."""
+
+    def error(self, message: str):
+        raise DN2Error(f"{self.prog.removeprefix('dn2').strip() or 'dn2'}: {message}")
+
+
+def _classes(text: str) -> tuple[int, ...] | None:
+    if text == "all":
         return None
     try:
         return tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise DN2Error(f"--classes must be 'all' or comma-separated class indices, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"must be 'all' or comma-separated class indices, got '{text}'") from None
 
 
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="efficientnet_lite0/1/2 (offline default), resnet18..152 (needs --weights), or pixels")
-    p.add_argument("--weights", help="torchvision .pth/.safetensors or a `dn2 convert` output (ResNets)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--input-size", type=int, help="backbone input resolution (default: the backbone's preset)")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None,
+                     skip: tuple[str, ...] = (), default: str | None = None) -> None:
+    """One flag per field of dataclass `cls` (all, or `names`), typed and documented from the field; the
+    default is left out of the namespace, so `given_settings` tells what the user passed. `default` replaces
+    the field defaults shown in the help (e.g. "the detector's")."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if (names is not None and f.name not in names) or f.name in skip:
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        shown = default if default is not None else (None if f.default is None else f.default)
+        note = "" if shown is None else f" (default: {shown})"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "") + note)
+        if kind is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if typing.get_origin(kind) is tuple:
+            kw["type"], kw["metavar"] = _classes, "C,C,..."
+        else:
+            kw["type"] = kind
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(_flag(f.name), **kw)
+
+
+def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the user passed on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def _refuse(given, names, why: str) -> None:
+    if bad := [n for n in names if n in given]:
+        raise DN2Error(f"{', '.join(_flag(n) for n in bad)} {why}")
+
+
+def _add_source(p: argparse.ArgumentParser, split: str, queries: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a folder of images (searched recursively); rows are named by path")
+    src.add_argument("--dataset", help="a dataset: fashion_mnist, mnist, cifar10, mvtec:PATH, folder:PATH, tfds:NAME")
+    if queries:
+        src.add_argument("--queries", help="an embedding store (`dn2 embed` output) of the images' features")
+    else:
+        src.add_argument("--store", help="an embedding store (`dn2 embed` output) of normal images")
+    p.add_argument("--split", default=argparse.SUPPRESS, help=f"dataset split (default: {split})")
+    p.add_argument("--classes", type=_classes, default=argparse.SUPPRESS, metavar="C,C,...",
+                   help="only images of these classes (default: all)")
+    p.add_argument("--data-dir", default=argparse.SUPPRESS, help="where local dataset files live")
+
+
+def _source(args, split: str):
+    from dn2_jax import scoring
+
+    extra = [n for n in ("split", "classes", "data_dir") if hasattr(args, n)]
+    if args.dataset is None and extra:
+        raise DN2Error(f"{', '.join(_flag(n) for n in extra)} only apply with --dataset")
+    if args.images is not None:
+        return scoring.folder_source(args.images)
+    if args.dataset is not None:
+        return scoring.dataset_source(args.dataset, getattr(args, "split", split), getattr(args, "classes", None),
+                                      getattr(args, "data_dir", None))
+    return scoring.store_source(getattr(args, "store", None) or args.queries)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dn2", description="Deep Nearest Neighbor Anomaly Detection (JAX)")
+    from dn2_jax.detector import DetectorConfig
+    from dn2_jax.evaluation import EvalConfig
+
+    parser = _Parser(prog="dn2", description="Deep Nearest Neighbor Anomaly Detection (JAX)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("eval", help="the paper's one-class protocol: ROC-AUC per normal class")
-    p.add_argument("--dataset", default="fashion_mnist",
-                   help="fashion_mnist, mnist, cifar10, cifar100, cifar100_fine, mvtec:PATH, folder:PATH, tfds:NAME")
-    p.add_argument("--data-dir", help="where local dataset files or a prepared tfds data_dir live")
-    _add_backbone_args(p)
-    p.add_argument("--mode", default="semi", help="semi (default), unsupervised or group")
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--classes", help="normal classes, e.g. 0,3,7 (default: all)")
-    p.add_argument("--full", action="store_true", help="full train and test splits (default: a quick subsample)")
-    p.add_argument("--bank-size", type=int, help="train images per class in the bank")
-    p.add_argument("--test-size", type=int, help="test images (class-stratified)")
-    p.add_argument("--contamination", type=float, default=0.0, help="unsupervised: share of anomalies in the bank")
-    p.add_argument("--clean-fraction", type=float, default=0.5, help="unsupervised: share dropped by cleaning")
-    p.add_argument("--group-size", type=int, default=3, help="group: images per set")
-    p.add_argument("--train-groups", type=int, default=200, help="group: normal train sets")
-    p.add_argument("--test-groups", type=int, default=200, help="group: test sets (half anomalous)")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
-                   help="L2-normalise features before kNN (default: on; --no-normalize for raw features)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval", help="the paper's protocols: ROC-AUC per normal class")
+    add_config_flags(p, EvalConfig, skip=("quick", "cache_dir"))
+    p.add_argument("--full", action="store_true", default=argparse.SUPPRESS,
+                   help="full train and test splits (default: a quick subsample; semi and unsupervised modes)")
     p.add_argument("--out", default="runs/eval", help="output directory (results.json, roc.png, scores.png)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding stores reused across runs")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write embedding stores")
+    p.add_argument("--cache-dir", default=argparse.SUPPRESS, help=f"embedding stores reused across runs "
+                   f"(default: {DEFAULT_CACHE})")
+    p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
+                   help="do not read or write embedding stores")
     p.set_defaults(func=cmd_eval)
 
+    features = ("backbone", "weights", "input_size", "dtype", "batch_size")
     p = sub.add_parser("embed", help="embed a dataset split into an embedding store (resumable)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir")
     p.add_argument("--class", dest="class_", type=int, help="only images of this class (a one-class bank)")
-    _add_backbone_args(p)
+    add_config_flags(p, DetectorConfig, names=features)
     p.add_argument("--chunk-size", type=int, default=4096, help="images per atomically committed chunk")
     p.add_argument("--out", required=True, help="store directory")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("fit", help="save a decision threshold (leave-one-out, target FPR) with a bank store")
-    p.add_argument("bank", help="bank store directory")
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate on normal data")
+    p = sub.add_parser("fit", help="fit a detector to normal images and save it (a directory)")
+    _add_source(p, "train", queries=False)
+    add_config_flags(p, DetectorConfig)
+    p.add_argument("--out", required=True, help="detector directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing detector at --out")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("score", help="score images, a dataset split or a query store against a bank store")
-    p.add_argument("bank", help="bank store directory")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="a folder of images (searched recursively)")
-    src.add_argument("--dataset", help="a dataset name (with --split)")
-    src.add_argument("--queries", help="a store of query embeddings")
-    p.add_argument("--split", default="test")
-    p.add_argument("--data-dir")
-    p.add_argument("--k", type=int, help="neighbours (default: the k saved by `dn2 fit`, else 2)")
-    p.add_argument("--weights", help="backbone weights, when the bank's backbone needs them")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", help="write scores as JSON here (default: print)")
+    p = sub.add_parser("score", help="score images with a saved detector: score, p-value, decision, neighbours")
+    p.add_argument("detector", help="a detector directory written by `dn2 fit`")
+    _add_source(p, "test", queries=True)
+    add_config_flags(p, DetectorConfig, names=("k", "fpr", "weights", "batch_size"), default="the detector's")
+    p.add_argument("--out", help="write the report here: .json or .csv (default: print)")
+    p.add_argument("--gallery", help="PNG: the most anomalous images beside their nearest normal images")
+    p.add_argument("--top", type=int, default=argparse.SUPPRESS, help="rows of --gallery (default: 8)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("convert", help="convert a torchvision checkpoint to Flax variables (Orbax)")
@@ -111,121 +166,82 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args) -> None:
     from dn2_jax import evaluation
 
-    quick = not args.full and args.bank_size is None and args.test_size is None
-    sizes = QUICK if quick and not args.dataset.startswith("mvtec:") else {}
-    cfg = evaluation.EvalConfig(
-        dataset=args.dataset, backbone=args.backbone, weights=args.weights, mode=args.mode, k=args.k,
-        classes=_classes(args.classes), bank_size=sizes.get("bank_size", args.bank_size),
-        test_size=sizes.get("test_size", args.test_size), contamination=args.contamination,
-        clean_fraction=args.clean_fraction, group_size=args.group_size, train_groups=args.train_groups,
-        test_groups=args.test_groups, batch_size=args.batch_size, dtype=args.dtype, input_size=args.input_size,
-        normalize=args.normalize, seed=args.seed, data_dir=args.data_dir,
-        cache_dir=None if args.no_cache else args.cache_dir,
-    )
+    given = {k: v for k, v in given_settings(args, evaluation.EvalConfig).items() if k not in ("quick", "cache_dir")}
+    mode = given.get("mode", "semi")
+    if mode in evaluation.MODES:
+        for name in given:
+            if not evaluation.applies(name, mode):
+                modes = evaluation.EvalConfig.__dataclass_fields__[name].metadata["modes"]
+                raise DN2Error(f"{_flag(name)} applies to --mode {' or '.join(modes)}, not --mode {mode}")
+        if mode == "group" and hasattr(args, "full"):
+            raise DN2Error("--full applies to --mode semi or unsupervised; group sizes are --train-groups and "
+                           "--test-groups")
+    if given.get("dataset", "").startswith("mvtec:"):
+        _refuse(given, ("classes", "bank_size", "test_size"), "do not apply to an MVTec-style folder (its "
+                "train/good is the bank and every test image is scored)")
+    if hasattr(args, "no_cache") and hasattr(args, "cache_dir"):
+        raise DN2Error("--no-cache and --cache-dir contradict each other; pass one")
+    cache = None if hasattr(args, "no_cache") else os.path.abspath(getattr(args, "cache_dir", DEFAULT_CACHE))
+    cfg = evaluation.EvalConfig(**given, quick=not hasattr(args, "full"), cache_dir=cache)
     evaluation.validate_config(cfg)
+    cfg.detector_config()  # settings the detector refuses (e.g. --input-size with pixels), before any work
     out_dir = evaluation.check_output_dir(args.out)
-    if sizes:
-        print(f"dn2 eval: quick run on a subsample ({sizes['bank_size']} train images per class, "
-              f"{sizes['test_size']} test images, stratified); add --full for the paper's full protocol.")
     results, per_class = evaluation.evaluate(cfg)
-    results["settings"]["quick_subsample"] = bool(sizes)
     for path in evaluation.write_outputs(out_dir, results, per_class):
         print(f"wrote {path}")
 
 
-def _extractor(backbone: str, weights: str | None, batch_size: int, dtype: str = "float32", input_size=None):
-    from dn2_jax.evaluation import EvalConfig, FeatureExtractor
-
-    cfg = EvalConfig(backbone=backbone, weights=weights, batch_size=batch_size, dtype=dtype,
-                     input_size=input_size)
-    return FeatureExtractor(cfg)
-
-
 def cmd_embed(args) -> None:
     from dn2_jax import store
-    from dn2_jax.data import load_dataset
+    from dn2_jax.detector import DetectorConfig
+    from dn2_jax.evaluation import embed_split
 
     store.check_store_path(args.out, "--out")  # before loading data or model
-    ds = load_dataset(args.dataset, args.split, args.data_dir)
-    idx = np.arange(len(ds))
-    if args.class_ is not None:
-        if not 0 <= args.class_ < len(ds.class_names):
-            raise DN2Error(f"--class {args.class_} does not exist: {args.dataset} has classes "
-                           f"0..{len(ds.class_names) - 1}")
-        idx = np.flatnonzero(ds.labels == args.class_)
-    ext = _extractor(args.backbone, args.weights, args.batch_size, args.dtype, args.input_size)
-    meta = {**ext.identity, "dataset": ds.name, "split": ds.split, "class": args.class_,
-            "compute_dtype": args.dtype, "input_size": args.input_size}
-    images = ds.images[idx] if isinstance(ds.images, np.ndarray) else [ds.images[i] for i in idx]
-    if isinstance(images, np.ndarray):
-        st = store.extract_to_store(args.out, images, ext.embed_batch, metadata=meta, labels=ds.labels[idx],
-                                    ids=idx, chunk_size=args.chunk_size, batch_size=args.batch_size)
-    else:
-        st = store.write_store(args.out, ext.embed_all(images), metadata=meta, labels=ds.labels[idx], ids=idx)
-    print(f"wrote {args.out}: {st.count} embeddings of dim {st.dim} ({meta['backbone']})")
+    config = DetectorConfig(**given_settings(args, DetectorConfig))
+    st = embed_split(args.out, config, args.dataset, args.split, data_dir=args.data_dir, class_=args.class_,
+                     chunk_size=args.chunk_size)
+    print(f"wrote {args.out}: {st.count} embeddings of dim {st.dim} ({st.metadata['backbone']})")
 
 
 def cmd_fit(args) -> None:
-    import dn2_jax as dn2
-    from dn2_jax import store
+    from dn2_jax import scoring
+    from dn2_jax.detector import DetectorConfig
 
-    st = store.open_store(args.bank)
-    bank = st.embeddings()
-    value = float(dn2.threshold(bank, args.k, args.fpr))
-    store.save_threshold(args.bank, value=value, k=args.k, fpr=args.fpr)
-    print(f"threshold {value:.6g} (k={args.k}, target FPR {args.fpr}) saved with {args.bank}")
+    given = given_settings(args, DetectorConfig)
+    if args.store is not None:
+        config = scoring.store_config(args.store, **given)
+    else:
+        config = DetectorConfig(**given)
+    scoring.check_new_output(args.out, "--out", overwrite=args.overwrite)
+    det = scoring.fit_detector(config, _source(args, "train"), args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {det.bank_size} normal images, k={det.config.k}, threshold {det.threshold:.6g} "
+          f"(target FPR {det.config.fpr})")
 
 
 def cmd_score(args) -> None:
-    import dn2_jax as dn2
-    from dn2_jax import store
-    from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, load_dataset
+    from dn2_jax import scoring
+    from dn2_jax.detector import DetectorConfig
 
-    bank_store = store.open_store(args.bank)
-    meta = bank_store.metadata
-    saved = bank_store.threshold
-    k = args.k or (saved or {}).get("k", 2)
-    if args.queries:
-        q_store = store.open_store(args.queries, expect={key: meta[key] for key in ("backbone", "fingerprint",
-                                                                                    "preset")})
-        queries, names = q_store.embeddings(), [str(i) for i in q_store.ids]
-    else:
-        if args.images:
-            if not Path(args.images).is_dir():
-                raise DN2Error(f"--images '{args.images}' is not a directory")
-            paths = sorted(str(p) for p in Path(args.images).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not paths:
-                raise DN2Error(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under '{args.images}'")
-            images, names = [decode_image(p) for p in paths], paths
-        else:
-            ds = load_dataset(args.dataset, args.split, args.data_dir)
-            images, names = ds.images, [str(i) for i in range(len(ds))]
-        ext = _extractor(meta["backbone"], args.weights, args.batch_size, meta.get("compute_dtype", "float32"),
-                         meta.get("input_size"))
-        diffs = [f"{key}: bank has {meta[key]!r}, queries {ext.identity[key]!r}"
-                 for key in ("backbone", "fingerprint", "preset") if meta[key] != ext.identity[key]]
-        if diffs:
-            raise DN2Error(f"bank '{args.bank}' and the query features differ ({'; '.join(diffs)}); "
-                           "pass the --weights the bank was embedded with")
-        queries = ext.embed_all(images)
-    if queries.shape[1] != bank_store.dim:
-        raise DN2Error(f"query features have dim {queries.shape[1]}, the bank {bank_store.dim}")
-    d, _ = dn2.knn_chunks(queries, bank_store.iter_chunks(), k)
-    scores = np.asarray(d).mean(1)
-    rows = [{"id": n, "score": float(s)} for n, s in zip(names, scores, strict=True)]
-    if saved:
-        for r in rows:
-            r["anomalous"] = r["score"] > saved["value"]
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"bank": args.bank, "k": k, "threshold": saved, "scores": rows}, indent=1))
-        os.replace(tmp, args.out)
-        print(f"wrote {len(rows)} scores to {args.out}")
-    else:
-        for r in rows:
-            flag = "" if "anomalous" not in r else ("  ANOMALOUS" if r["anomalous"] else "  normal")
-            print(f"{r['score']:.6g}  {r['id']}{flag}")
+    if args.out is not None:
+        scoring.check_new_output(args.out, "--out", suffixes=scoring.REPORT_FORMATS)
+    if args.gallery is not None:
+        scoring.check_new_output(args.gallery, "--gallery", suffixes=(".png",))
+    elif hasattr(args, "top"):
+        raise DN2Error("--top only applies with --gallery")
+    if args.gallery is not None and args.queries is not None:
+        raise DN2Error("--gallery needs the images themselves (--images or --dataset), not --queries")
+    det, note = scoring.load_detector(args.detector, **given_settings(args, DetectorConfig))
+    if note:
+        print(f"dn2 score: {note}", file=sys.stderr)
+    report = scoring.score_source(det, _source(args, "test"))
+    if args.out is not None:
+        scoring.write_report(report, args.out, detector=str(args.detector))
+        print(f"wrote {len(report.names)} scores to {args.out}")
+    if args.gallery is not None:
+        scoring.gallery(report, args.gallery, top=getattr(args, "top", 8), data_dir=getattr(args, "data_dir", None))
+        print(f"wrote {args.gallery}")
+    text = scoring.format_report(report)
+    print(text if args.out is None else text.splitlines()[-1])
 
 
 def cmd_convert(args) -> None:
@@ -240,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         args.func(args)
     except DN2Error as e:  # user mistakes: one line, no traceback
         print(f"dn2: error: {e}", file=sys.stderr)
@@ -254,4 +270,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

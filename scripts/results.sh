@@ -25,7 +25,7 @@ for r in 0 0.05 0.1 0.2; do
 done
 
 # Group anomaly detection: sets of 3 images, group DN2 vs the pointwise baseline.
-dn2 eval --mode group --group-size 3 --train-groups 1000 --test-groups 1000 --full --out $OUT/group-m3
+dn2 eval --mode group --group-size 3 --train-groups 1000 --test-groups 1000 --out $OUT/group-m3
 
 # Ablations: k, and bank size per class.
 for k in 1 2 5 10 50; do

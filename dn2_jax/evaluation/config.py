@@ -1,0 +1,95 @@
+"""Settings of one evaluation run (`EvalConfig`, plain data saved in results.json) and their checks.
+
+Each field's metadata holds its ``help`` text and, where a field only applies to some modes, ``modes``: the
+`dn2` command derives its flags from these fields (see `dn2_jax.cli`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dn2_jax.errors import DN2Error
+
+MODES = ("semi", "unsupervised", "group")
+PIXELS = "pixels"  # raw-pixel baseline: the image itself, flattened, in [0, 1], through the same kNN path.
+# The quick subsample `dn2 eval` runs without --full (a few minutes on 2 CPU cores); capped at what exists.
+QUICK = {"bank_size": 100, "test_size": 1000}
+
+
+def _field(default, help: str, modes: tuple[str, ...] | None = None, **extra):
+    return dataclasses.field(default=default, metadata={"help": help, "modes": modes, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation run (plain data; saved in results.json)."""
+
+    dataset: str = _field("fashion_mnist", "fashion_mnist, mnist, cifar10, cifar100, cifar100_fine, mvtec:PATH, "
+                          "folder:PATH or tfds:NAME")
+    backbone: str = _field("efficientnet_lite0", "efficientnet_lite0/1/2 (offline default), resnet18..152 "
+                           "(needs --weights), or pixels (raw-pixel baseline)")
+    weights: str | None = _field(None, "torchvision .pth/.safetensors or a `dn2 convert` output (ResNets)")
+    mode: str = _field("semi", "semi (one-class, default), unsupervised (contaminated bank, cleaned) or group "
+                       "(sets of images)", choices=MODES)
+    k: int = _field(2, "neighbours averaged in the DN2 score")
+    classes: tuple[int, ...] | None = _field(None, "normal classes to evaluate, e.g. 0,3,7 (default: all)")
+    bank_size: int | None = _field(None, "train images per class in the bank (default: all)",
+                                   ("semi", "unsupervised"))
+    test_size: int | None = _field(None, "test images, class-stratified (default: all)", ("semi", "unsupervised"))
+    quick: bool = _field(False, "a quick subsample when neither bank_size nor test_size is given: "
+                         f"{QUICK['bank_size']} train images per class and {QUICK['test_size']} test images, each "
+                         "capped at what the data has", ("semi", "unsupervised"))
+    contamination: float = _field(0.0, "share of other-class images in the bank", ("unsupervised",))
+    clean_fraction: float = _field(0.5, "share of the bank dropped by the cleaning stage (0 = no cleaning)",
+                                   ("unsupervised",))
+    group_size: int = _field(3, "images per set (M)", ("group",))
+    train_groups: int = _field(200, "normal train sets (the bank)", ("group",))
+    test_groups: int = _field(200, "test sets, half normal, half anomalous", ("group",))
+    batch_size: int = _field(64, "images per backbone step")
+    dtype: str = _field("float32", "compute dtype", choices=("float32", "bfloat16"))
+    input_size: int | None = _field(None, "backbone input resolution (default: the backbone's preset)")
+    normalize: bool = _field(True, "L2-normalise features before kNN (better on Fashion-MNIST/MNIST; see README)")
+    seed: int = _field(0, "seed of the subsamples and sets")
+    data_dir: str | None = _field(None, "where local dataset files or a prepared tfds data_dir live")
+    cache_dir: str | None = _field(None, "embedding stores reused across runs (None: no caching)")
+
+    def detector_config(self, **changes):
+        """The `DetectorConfig` of this run's features and kNN (what `dn2 fit` would deploy), with `changes`."""
+        from dn2_jax.detector import DetectorConfig
+
+        kw = dict(backbone=self.backbone, weights=self.weights, input_size=self.input_size, dtype=self.dtype,
+                  normalize=self.normalize, k=self.k, batch_size=self.batch_size)
+        return DetectorConfig(**{**kw, **changes})
+
+
+def applies(name: str, mode: str) -> bool:
+    """Whether EvalConfig field `name` is used in `mode`."""
+    modes = EvalConfig.__dataclass_fields__[name].metadata.get("modes")
+    return modes is None or mode in modes
+
+
+def validate_config(cfg: EvalConfig) -> None:
+    """Raises DN2Error for settings that can be judged without loading anything."""
+    if cfg.mode not in MODES:
+        raise DN2Error(f"unknown mode '{cfg.mode}'; choose one of {', '.join(MODES)}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise DN2Error(f"dtype must be float32 or bfloat16, got '{cfg.dtype}'")
+    if cfg.backbone != PIXELS:
+        from dn2_jax.models import get_backbone
+
+        get_backbone(cfg.backbone)  # unknown name -> DN2Error listing the known ones
+    for name in ("k", "batch_size", "group_size", "train_groups", "test_groups"):
+        if int(getattr(cfg, name)) < 1:
+            raise DN2Error(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("bank_size", "test_size", "input_size"):
+        value = getattr(cfg, name)
+        if value is not None and int(value) < 1:
+            raise DN2Error(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= cfg.contamination < 1.0:
+        raise DN2Error(f"contamination must be in [0, 1), got {cfg.contamination}")
+    if cfg.mode == "unsupervised" and not 0.0 <= cfg.clean_fraction < 1.0:
+        raise DN2Error(f"clean_fraction must be in [0, 1) (0 = no cleaning), got {cfg.clean_fraction}")
+    if cfg.mode == "group" and cfg.group_size < 2:
+        raise DN2Error(f"group_size must be >= 2, got {cfg.group_size}")
+    if cfg.dataset.startswith("mvtec:") and cfg.mode != "semi":
+        raise DN2Error(f"mode '{cfg.mode}' is not defined for MVTec-style folders; use --mode semi")

@@ -1,0 +1,96 @@
+"""dn2_jax.evaluation: results against an independent computation, and cached features of mixed-size images."""
+
+import types
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from dn2_jax import protocols, store
+from dn2_jax.data import Dataset, load_dataset
+from dn2_jax.evaluation import EvalConfig, FeatureExtractor, evaluate
+
+faiss = pytest.importorskip("faiss")  # the `test` extra installs faiss-cpu
+
+
+def _independent_auc(train, test, c, *, bank_size, test_size, k, normalize):
+    """DN2 ROC-AUC from raw pixels with faiss exact L2 search and sklearn: no dn2_jax kNN or metric code."""
+    split = protocols.one_class(train.labels, test.labels, c, bank_size=bank_size, test_size=test_size)
+
+    def feats(ds, idx):
+        x = ds.images[idx].reshape(len(idx), -1).astype(np.float32) / 255.0
+        return x / np.linalg.norm(x, axis=1, keepdims=True) if normalize else x
+
+    index = faiss.IndexFlatL2(train.images[0].size)
+    index.add(feats(train, split.bank))
+    sq_dists, _ = index.search(feats(test, split.test), k)
+    return roc_auc_score(split.test_anomaly, sq_dists.mean(1))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_evaluate_matches_faiss_and_sklearn(normalize):
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    cfg = EvalConfig(backbone="pixels", classes=(0, 7), bank_size=60, test_size=300, k=3, normalize=normalize)
+    res, per_class = evaluate(cfg, printer=None)
+    for c, r in zip((0, 7), per_class, strict=True):
+        want = _independent_auc(train, test, c, bank_size=60, test_size=300, k=3, normalize=normalize)
+        assert r.auc == pytest.approx(want, abs=1e-6)
+        assert res["per_class"][train.class_names[c]] == r.auc
+    assert 0.5 < res["mean"] < 1.0
+
+
+class _FakeDetector:
+    """Duck-typed detector: features = (mean of each channel, height, width), counting the batches it sees."""
+
+    def __init__(self, fail_after=None):
+        self.config = types.SimpleNamespace(backbone="fake", dtype="float32", batch_size=2)
+        self.identity = {"backbone": "fake", "fingerprint": "f" * 64, "preset": "none"}
+        self.batches, self.fail_after = [], fail_after
+
+    def embed(self, images, raw=False):
+        shapes = {im.shape for im in images}
+        self.batches.append(shapes)
+        if self.fail_after is not None and len(self.batches) > self.fail_after:
+            raise KeyboardInterrupt  # an interruption in the middle of the extraction
+        return np.asarray([[*im.reshape(-1, 3).mean(0), *im.shape[:2]] for im in images], np.float32)
+
+
+def _mixed_dataset(n=13):
+    rng = np.random.default_rng(0)
+    sizes = [(8, 8), (6, 10), (12, 5)]
+    images = [rng.integers(0, 256, (*sizes[i % 3], 3), dtype=np.uint8) for i in range(n)]
+    return Dataset("fake:mixed", "train", images, np.arange(n) % 2, ["a", "b"])
+
+
+def test_mixed_sizes_store_is_bucketed_by_shape_and_resumes_bit_identical(tmp_path):
+    ds = _mixed_dataset()
+    idx = np.arange(1, 13)
+    whole = FeatureExtractor(_FakeDetector()).to_store(tmp_path / "whole", ds, idx, chunk_size=4)
+    broken = FeatureExtractor(_FakeDetector(fail_after=3))
+    with pytest.raises(KeyboardInterrupt):
+        broken.to_store(tmp_path / "resumed", ds, idx, chunk_size=4)
+    with pytest.raises(store.IncompleteStoreError):
+        store.open_store(tmp_path / "resumed")
+    resumer = FeatureExtractor(_FakeDetector())
+    resumed = resumer.to_store(tmp_path / "resumed", ds, idx, chunk_size=4)
+    assert len(resumer.detector.batches) < 6  # only the chunks that were not committed are embedded again
+    np.testing.assert_array_equal(resumed.embeddings(), whole.embeddings())
+    np.testing.assert_array_equal(resumed.ids, whole.ids)
+    assert sorted(whole.ids) == list(idx)
+    # rows are grouped by shape, so at most (number of shapes - 1) batches mix two shapes
+    shapes = [tuple(whole.embeddings()[i, 3:].astype(int)) for i in range(whole.count)]
+    assert sum(a != b for a, b in zip(shapes[:-1], shapes[1:], strict=True)) == 2
+    # each row is the features of the image its id names
+    for row, i in zip(whole.embeddings(), whole.ids, strict=True):
+        np.testing.assert_allclose(row[3:], ds.images[i].shape[:2])
+
+
+def test_cached_features_of_mixed_sizes_come_back_in_request_order(tmp_path):
+    ds = _mixed_dataset()
+    extract = FeatureExtractor(_FakeDetector(), cache_dir=tmp_path)
+    want = np.asarray([[*im.reshape(-1, 3).mean(0), *im.shape[:2]] for im in ds.images], np.float32)
+    np.testing.assert_array_equal(extract(ds, np.arange(13)), want)
+    n_batches = len(extract.detector.batches)
+    subset = np.array([2, 5, 11])
+    np.testing.assert_array_equal(extract(ds, subset), want[subset])  # served from the cached store
+    assert len(extract.detector.batches) == n_batches
