@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,29 +59,37 @@ SCHEDULES = ("constant", "cosine")
 SPREAD_PROBE = 512  # normal images whose feature spread is tracked per epoch (collapse monitor)
 
 
+def _field(default: Any, help: str, **extra: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptConfig:
-    """Settings of one adaptation run (plain data, saved with the adapted weights).
+    """Settings of one adaptation run (plain data, saved with the adapted weights; `dn2 adapt` flags).
 
     Defaults follow the papers where they apply to this setting: SGD with momentum 0.9 and weight decay 5e-5;
     PANDA lr 1e-2, MSC lr 1e-5 with τ = 0.25; the stem and the first two stages frozen.
     """
 
-    method: str = "panda"
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float | None = None  # None: 1e-2 (PANDA) or 1e-5 (MSC)
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    schedule: str = "constant"
-    anchor: str = "l2sp"  # PANDA's collapse guard: l2sp | ewc (needs fisher=) | none
-    anchor_weight: float = 1e-3  # λ of the anchor, per parameter element (squared weight units)
-    bn: str = "frozen"
-    freeze: tuple[str, ...] | None = None  # module-name prefixes kept fixed; None: stem + first two stages
-    temperature: float = 0.25  # MSC
-    angular_weight: float = 1.0  # MSC
-    early_stop: float | None = None  # stop when the feature spread falls below this fraction of the initial one
-    seed: int = 0
+    method: str = _field("panda", "panda (compactness + anchor) or msc (mean-shifted contrastive)", choices=METHODS)
+    epochs: int = _field(10, "passes over the normal images")
+    batch_size: int = _field(32, "images per training step (a multiple of the device count)")
+    learning_rate: float | None = _field(None, "SGD learning rate (default: 1e-2 PANDA, 1e-5 MSC)")
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(5e-5, "SGD weight decay")
+    schedule: str = _field("constant", "learning-rate schedule", choices=SCHEDULES)
+    anchor: str = _field("l2sp", "PANDA's collapse guard: l2sp (λ‖θ−θ₀‖²), ewc (needs a Fisher diagonal; API "
+                         "only) or none", choices=ANCHORS)
+    anchor_weight: float = _field(1e-3, "λ of the anchor")
+    bn: str = _field("frozen", "BatchNorm: frozen running statistics, or batch statistics (updated)",
+                     choices=BN_POLICIES)
+    freeze: tuple[str, ...] | None = _field(None, "module-name prefixes kept fixed (default: stem + first two "
+                                            "stages)")
+    temperature: float = _field(0.25, "MSC contrastive temperature τ")
+    angular_weight: float = _field(1.0, "MSC angular centre-loss weight")
+    early_stop: float | None = _field(None, "stop when the normal features' spread falls below this fraction of "
+                                      "the pretrained spread (collapse guard)")
+    seed: int = _field(0, "seed of the data order and the augmentations")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -297,7 +306,9 @@ def train_step(state: TrainState, images: jax.Array, key: jax.Array, consts: tup
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def _pooled_fn(module: Any, preset: Preset, mesh, batch_size: int):
+def pooled_features_fn(module: Any, preset: Preset, mesh, batch_size: int):
+    """`run(params, batch_stats, images) -> (N, D)`: one jitted forward pass for any variables of `module`
+    (compiled once, not once per epoch), in batches of `batch_size` sharded over `mesh`."""
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
 
     @functools.partial(jax.jit, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
@@ -305,6 +316,7 @@ def _pooled_fn(module: Any, preset: Preset, mesh, batch_size: int):
         return module.apply({"params": params, "batch_stats": batch_stats}, preprocess(images, preset))["pooled"]
 
     def run(params, batch_stats, images: np.ndarray) -> np.ndarray:
+        """Pooled float32 features (N, D) of uint8 images (N, H, W[, C]) under the given variables."""
         out = []
         for s in range(0, len(images), batch_size):
             batch = images[s : s + batch_size]
@@ -395,7 +407,7 @@ def adapt(images: np.ndarray, spec: models.BackboneSpec | str, variables: Any, c
     batch_stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
     base = models.fingerprint(variables)
 
-    pooled = _pooled_fn(eval_module, preset, mesh, cfg.batch_size)
+    pooled = pooled_features_fn(eval_module, preset, mesh, cfg.batch_size)
     f0 = pooled(params, batch_stats, images)
     centre = f0.mean(0) if cfg.method == "panda" else np.asarray(_unit(jnp.asarray(f0))).mean(0)
     probe = np.sort(np.random.default_rng(cfg.seed).permutation(len(images))[:SPREAD_PROBE])
@@ -438,6 +450,7 @@ def adapt(images: np.ndarray, spec: models.BackboneSpec | str, variables: Any, c
         if not np.isfinite(record["loss"]):
             raise DN2Error(f"adaptation diverged at epoch {epoch + 1} (loss {record['loss']}); lower learning_rate")
         if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)  # only once an epoch is done: bad input writes nothing
             save_variables(_checkpoint_leaves(state), ckpt, {
                 "kind": "dn2-adapt-checkpoint", "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
                 "base_fingerprint": base}, overwrite=True)
@@ -456,3 +469,68 @@ def save_adapted(variables: Any, path: str | os.PathLike, *, backbone: str, base
             "adapted_from": models.fingerprint(base_variables), "adapt": cfg.to_dict(), "history": list(history),
             "fingerprint": models.fingerprint(variables)}
     return save_variables(variables, path, meta, overwrite=overwrite)
+
+
+def adapt_to_weights(images: np.ndarray, backbone: str, out: str | os.PathLike, cfg: AdaptConfig | None = None, *,
+                     weights: str | os.PathLike | None = None, input_size: int | None = None,
+                     checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                     on_epoch: Callable[[int, Any], dict | None] | None = None,
+                     progress: bool = True) -> tuple[Path, list[dict]]:
+    """What `dn2 adapt` does: adapt `backbone` (its default weights, or `weights`) to the normal `images` and
+    write the adapted weights directory `out`; returns (absolute out, history).
+
+    The output is checked before any work; the training state is checkpointed after every epoch in
+    `checkpoint_dir` (default: a hidden sibling of `out`), so the same command resumes after a kill; the
+    checkpoint is removed once `out` is published (atomically).
+    """
+    from dn2_jax.convert import load_variables
+    from dn2_jax.fileio import check_writable
+
+    cfg = cfg or AdaptConfig()
+    if backbone == "pixels":
+        raise DN2Error("the pixels baseline has no weights to adapt; choose a network backbone")
+    out = check_writable(out, "dir", overwrite=overwrite, parents=True, what="--out")
+    ckpt = Path(checkpoint_dir).absolute() if checkpoint_dir is not None else out.with_name(f".{out.name}.adapt-ckpt")
+    base = load_variables(backbone, weights)
+    adapted, history = adapt(images, backbone, base, cfg, input_size=input_size, checkpoint_dir=ckpt,
+                             on_epoch=on_epoch, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = save_adapted(adapted, out, backbone=backbone, base_variables=base, cfg=cfg, history=history,
+                        overwrite=overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return path, history
+
+
+def plot_history(histories: dict[str, Sequence[dict]], path: str | os.PathLike) -> Path:
+    """PNG of the loss and the ROC-AUC per epoch where recorded (else the feature spread), one line per run
+    (e.g. per normal class); epoch 0 is the pretrained network. A falling ROC-AUC (or spread) while the loss
+    still falls is collapse. Written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dn2_jax.fileio import atomic_write_bytes
+
+    has_auc = any("auc" in r for hist in histories.values() for r in hist)
+    key, label = ("auc", "test ROC-AUC (%) — reported, never steers") if has_auc else \
+        ("spread", "feature spread / pretrained (collapse → 0)")
+    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for name, hist in histories.items():
+        ax_loss.plot([r["epoch"] for r in hist if "loss" in r], [r["loss"] for r in hist if "loss" in r],
+                     marker=".", label=name)
+        points = [(r["epoch"], r[key] * (100 if has_auc else 1)) for r in hist if r.get(key) is not None]
+        if points:
+            ax_right.plot(*zip(*points, strict=True), marker=".", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_right.set(xlabel="epoch (0 = pretrained)" if has_auc else "epoch", title=label)
+    for ax in (ax_loss, ax_right):
+        ax.grid(alpha=0.3)
+    if 1 < len(histories) <= 12:
+        ax_right.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -1,4 +1,4 @@
-"""The ``dn2`` command: eval, embed, fit, score, convert.
+"""The ``dn2`` command: eval, embed, fit, score, adapt, convert.
 
 Argument parsing and calls into library objects only. The flags of settings are derived from the settings
 dataclasses (`EvalConfig`, `DetectorConfig`: name, type, help and choices from each field), and a flag the
@@ -151,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=argparse.SUPPRESS, help="rows of --gallery (default: 8)")
     p.set_defaults(func=cmd_score)
 
+    from dn2_jax.adapt import AdaptConfig
+
+    p = sub.add_parser("adapt", help="adapt a backbone to normal images (PANDA / Mean-Shifted) -> a weights directory")
+    _add_source(p, "train", queries=False)
+    add_config_flags(p, DetectorConfig, names=("backbone", "weights", "input_size"))
+    add_config_flags(p, AdaptConfig, skip=("freeze",))
+    p.add_argument("--out", required=True, help="weights directory to write (then: --weights OUT anywhere)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing weights directory at --out")
+    p.add_argument("--plot", help="PNG of the training loss per epoch")
+    p.add_argument("--checkpoint-dir", help="per-epoch training state, resumed by the same command after a kill "
+                   "(default: a hidden folder beside --out, removed when done)")
+    p.set_defaults(func=cmd_adapt)
+
     p = sub.add_parser("convert", help="convert a torchvision checkpoint to Flax variables (Orbax)")
     p.add_argument("src", help="torchvision .pth (zip or legacy) or .safetensors")
     p.add_argument("dst", help="output directory")
@@ -189,6 +202,11 @@ def cmd_eval(args) -> None:
     results, per_class = evaluation.evaluate(cfg)
     for path in evaluation.write_outputs(out_dir, results, per_class):
         print(f"wrote {path}")
+    if cfg.adapt is not None:
+        from dn2_jax.adapt import plot_history
+        from dn2_jax.evaluation.adapted import histories
+
+        print(f"wrote {plot_history(histories(results), out_dir / 'adaptation.png')}")
 
 
 def cmd_embed(args) -> None:
@@ -242,6 +260,39 @@ def cmd_score(args) -> None:
         print(f"wrote {args.gallery}")
     text = scoring.format_report(report)
     print(text if args.out is None else text.splitlines()[-1])
+
+
+def cmd_adapt(args) -> None:
+    import numpy as np
+
+    from dn2_jax import adapt
+    from dn2_jax.detector import DetectorConfig
+    from dn2_jax.fileio import check_writable
+
+    features = given_settings(args, DetectorConfig)
+    cfg = adapt.AdaptConfig(**given_settings(args, adapt.AdaptConfig))
+    if args.store is not None:
+        raise DN2Error("--store holds features; adaptation needs the images: pass --images or --dataset")
+    backbone = features.get("backbone", DetectorConfig.__dataclass_fields__["backbone"].default)
+    if backbone == "pixels":
+        raise DN2Error("--backbone pixels has no weights to adapt; choose a network backbone")
+    check_writable(args.out, "dir", overwrite=args.overwrite, parents=True, what="--out")
+    if args.plot is not None:
+        check_writable(args.plot, "file", what="--plot")
+    source = _source(args, "train")
+    images = source.images
+    if not isinstance(images, np.ndarray):
+        if len({np.shape(im) for im in images}) > 1:
+            raise DN2Error("adaptation needs images of one size; this source mixes sizes")
+        images = np.stack(images)
+    path, history = adapt.adapt_to_weights(images, backbone, args.out, cfg, weights=features.get("weights"),
+                                           input_size=features.get("input_size"),
+                                           checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite)
+    if args.plot is not None:
+        print(f"wrote {adapt.plot_history({cfg.method: history}, args.plot)}")
+    last = history[-1]
+    print(f"wrote {path}: {backbone} adapted with {cfg.method} on {len(images)} images, {last['epoch']} epochs, "
+          f"final loss {last['loss']:.4g}; use it with --weights {args.out}")
 
 
 def cmd_convert(args) -> None:

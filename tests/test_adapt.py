@@ -167,3 +167,89 @@ def test_bad_inputs():
     with pytest.raises(DN2Error, match="another backbone"):
         adapt.adapt(images(), "resnet18", models.init_random_variables("efficientnet_lite0"),
                     adapt.AdaptConfig(batch_size=8))
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+
+def _folder(root: Path) -> Path:
+    """MVTec-style category of 40×40 images: smooth gradients are good, a bright blotch is a defect."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def good():
+        x = np.linspace(0, 1, 40)
+        img = (np.outer(x, x) * 200 + rng.normal(0, 3, (40, 40)) + 20).clip(0, 255)
+        return np.repeat(img[..., None], 3, axis=2).astype(np.uint8)
+
+    def defect():
+        img = good()
+        img[10:30, 5:25] = [255, 0, 255]
+        return img
+
+    for split, kind, make, n in [("train", "good", good, 12), ("test", "good", good, 6), ("test", "blotch", defect, 6)]:
+        d = root / split / kind
+        d.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(make()).save(d / f"{i:03d}.png")
+    return root
+
+
+def _cli(capsys, *argv):
+    from dn2_jax.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.slow
+def test_cli_adapt_then_eval_adapt(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "widget")
+    tiny = ["--input-size", "32"]
+    code, out, err = _cli(capsys, "adapt", "--images", "widget/train/good", *tiny, "--epochs", "2", "--batch-size",
+                          "8", "--out", "weights/widget", "--plot", "loss.png")
+    assert code == 0, err
+    adapted = load_variables("efficientnet_lite0", "weights/widget")
+    assert models.fingerprint(adapted) != models.fingerprint(load_variables("efficientnet_lite0"))
+    assert Path("loss.png").stat().st_size > 1000 and not list(Path("weights").glob(".*"))  # checkpoint removed
+
+    args = ["eval", "--dataset", "mvtec:widget", *tiny, "--batch-size", "8", "--adapt", "panda", "--adapt-epochs",
+            "2", "--adapt-batch-size", "8", "--cache-dir", "cache", "--out", "run"]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    res = json.loads(Path("run/results.json").read_text())
+    assert res["settings"]["adapt"] == "panda" and res["settings"]["adapt_epochs"] == 2
+    assert {"auc_pretrained", "loss_epoch_1", "loss_epoch_2", "auc_epoch_1", "auc_epoch_2"} <= set(res["extra"])
+    assert res["extra"]["auc_epoch_2"]["mean"] == pytest.approx(res["mean"], abs=1e-6)  # last epoch = the score
+    assert Path("run/adaptation.png").stat().st_size > 1000
+    # The adapted backbone is just another weights file: DN2 with it gives the same ROC-AUC.
+    (weights,) = Path("cache/adapted").iterdir()
+    code, out, err = _cli(capsys, "eval", "--dataset", "mvtec:widget", *tiny, "--batch-size", "8", "--weights",
+                          weights, "--no-cache", "--out", "run2")
+    assert code == 0, err
+    assert json.loads(Path("run2/results.json").read_text())["mean"] == pytest.approx(res["mean"], abs=1e-6)
+    # A rerun reuses the adapted weights (no training).
+    code, out, err = _cli(capsys, *args[:-1], "run3")
+    assert code == 0 and "reusing adapted weights" in out, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["adapt", "--images", "{w}", "--epochs", "0", "--out", "{t}/w"], "epochs"),
+    (["adapt", "--images", "{w}", "--learning-rate", "0", "--out", "{t}/w"], "learning_rate"),
+    (["adapt", "--images", "{w}", "--backbone", "pixels", "--out", "{t}/w"], "pixels"),
+    (["adapt", "--images", "{w}", "--batch-size", "64", "--input-size", "32", "--out", "{t}/w"],
+     "larger than the 12"),
+    (["eval", "--dataset", "mvtec:{r}", "--adapt", "panda", "--backbone", "pixels", "--out", "{t}/w"], "pixels"),
+    (["eval", "--mode", "unsupervised", "--adapt", "msc", "--out", "{t}/w"], "--adapt applies to --mode semi"),
+    (["eval", "--adapt", "panda", "--adapt-epochs", "0", "--out", "{t}/w"], "epochs"),
+])
+def test_cli_bad_adaptation_input(capsys, tmp_path, argv, match):
+    root = _folder(tmp_path / "widget")
+    argv = [a.format(w=root / "train" / "good", r=root, t=tmp_path) for a in argv]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 2 and err.startswith("dn2: error:") and len(err.strip().splitlines()) == 1, err
+    assert match in err
+    assert not (tmp_path / "w").exists()

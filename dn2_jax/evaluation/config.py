@@ -52,6 +52,11 @@ class EvalConfig:
     seed: int = _field(0, "seed of the subsamples and sets")
     data_dir: str | None = _field(None, "where local dataset files or a prepared tfds data_dir live")
     cache_dir: str | None = _field(None, "embedding stores reused across runs (None: no caching)")
+    adapt: str | None = _field(None, "adapt the backbone to each normal class before DN2: panda or msc "
+                               "(dn2_jax.adapt; slow on CPU)", ("semi",), choices=("panda", "msc"))
+    adapt_epochs: int = _field(10, "adaptation epochs over the class's bank images", ("semi",))
+    adapt_lr: float | None = _field(None, "adaptation learning rate (default: 1e-2 PANDA, 1e-5 MSC)", ("semi",))
+    adapt_batch_size: int = _field(32, "images per adaptation step", ("semi",))
 
     def detector_config(self, **changes):
         """The `DetectorConfig` of this run's features and kNN (what `dn2 fit` would deploy), with `changes`."""
@@ -91,5 +96,11 @@ def validate_config(cfg: EvalConfig) -> None:
         raise DN2Error(f"clean_fraction must be in [0, 1) (0 = no cleaning), got {cfg.clean_fraction}")
     if cfg.mode == "group" and cfg.group_size < 2:
         raise DN2Error(f"group_size must be >= 2, got {cfg.group_size}")
+    if cfg.adapt is not None:
+        from dn2_jax.evaluation.adapted import adapt_config
+
+        if cfg.backbone == PIXELS:
+            raise DN2Error("--adapt needs a network backbone; the pixels baseline has no weights to adapt")
+        adapt_config(cfg)  # epochs, learning rate, batch size checked before any work
     if cfg.dataset.startswith("mvtec:") and cfg.mode != "semi":
         raise DN2Error(f"mode '{cfg.mode}' is not defined for MVTec-style folders; use --mode semi")

@@ -36,7 +36,8 @@ class _Log:
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
 
     def row(self, res: ClassResult) -> None:
-        extra = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items())
+        extra = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.extra.items()
+                          if "_epoch_" not in k)  # per-epoch adaptation curves: results.json and adaptation.png
         self.print(f"  {res.name:<32} ROC-AUC {100 * res.auc:6.2f}   bank {res.bank:>6}   {extra}")
 
 
@@ -191,6 +192,15 @@ def _run_group(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]
         yield ClassResult(name, _auc(scores, groups.anomaly), scores, groups.anomaly, len(train_sets), extra)
 
 
+def _run_adapted(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
+    from dn2_jax.evaluation.adapted import run_adapted
+
+    splits = one_class_splits(cfg, train, test, classes)
+    for c, split in splits.items():
+        _check_k_fits(cfg.k, len(split.bank), f"of class '{c}'")
+    yield from run_adapted(cfg, train, test, splits, extract, log)
+
+
 RUNNERS = {"semi": _run_semi, "unsupervised": _run_unsupervised, "group": _run_group}
 
 
@@ -216,7 +226,8 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     log.print(f"DN2 {cfg.mode} on {cfg.dataset} with {cfg.backbone}, k={cfg.k}")
     # Runners validate, embed (timed as embed_s) and then yield one result per class as it is scored.
     results, t0, embed_before = [], time.perf_counter(), log.timings.get("embed_s", 0.0)
-    for res in RUNNERS[cfg.mode](cfg, train, test, classes, extract, log):
+    runner = _run_adapted if cfg.adapt is not None else RUNNERS[cfg.mode]
+    for res in runner(cfg, train, test, classes, extract, log):
         log.row(res)
         results.append(res)
     log.timing("score_s", time.perf_counter() - t0 - (log.timings.get("embed_s", 0.0) - embed_before))
