@@ -7,6 +7,14 @@ Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_back
 
 __version__ = "0.1.0"
 
+from dn2_jax.cleaning import (
+    CLEAN_RULES,
+    DEFAULT_CLEAN,
+    CleanResult,
+    clean_bank,
+    estimate_contamination,
+    sharded_clean_bank,
+)
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
 from dn2_jax.data import DATASET_NAMES, Dataset, load_dataset
 from dn2_jax.embedding import embed, make_embed_fn
@@ -28,6 +36,7 @@ from dn2_jax.knn import (
 )
 from dn2_jax.metrics import roc_auc, roc_curve
 from dn2_jax.models import BACKBONES, BackboneSpec, default_weights, fingerprint, get_backbone, init_random_variables
+from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, SetPool, fit_set_pool
 from dn2_jax.preprocessing import PRESETS, Preset, preprocess
 from dn2_jax.protocols import (
     contaminated_bank,
@@ -67,4 +76,6 @@ __all__ = [
     "save_threshold", "save_variables", "self_knn_score", "shard_bank", "sharded_clean", "sharded_knn",
     "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
     "threshold", "train_test_groups", "write_store",
+    "CLEAN_RULES", "DEFAULT_CLEAN", "CleanResult", "clean_bank", "estimate_contamination", "sharded_clean_bank",
+    "DEFAULT_POOL", "SET_POOLS", "SetPool", "fit_set_pool",
 ]
