@@ -566,7 +566,8 @@ class Detector:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Saves the detector as one directory (config, feature identity, bank, ids/paths, calibration),
         written to a temporary sibling and renamed into place. An existing `path` is refused unless
-        `overwrite` (and then only if it is a saved detector). Returns the absolute path."""
+        `overwrite` (and then only if it is a saved detector). A relative `weights` path is saved absolute.
+        Returns the absolute path."""
         from dn2_jax import store
 
         features, kept = self._fitted()
