@@ -84,6 +84,7 @@ def test_stream_without_dropping_equals_in_memory(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_stream_chunks_bounded_and_good_cover(tmp_path):
     x = _clustered(2000, 8, clusters=30, seed=6)
     mm = np.lib.format.open_memmap(tmp_path / "bank.npy", mode="w+", dtype=np.float32, shape=x.shape)
