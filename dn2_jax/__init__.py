@@ -94,6 +94,7 @@ from dn2_jax.patch import (  # noqa: E402
     save_overlays,
     score_patch_images,
     to_model_frame,
+    write_patches,
 )
 from dn2_jax.pixel_metrics import aupro, load_mvtec_masks, mask_path, pixel_roc_auc, pro_curve  # noqa: E402
 from dn2_jax.synthetic import make_synthetic, write_synthetic_mvtec  # noqa: E402
@@ -103,5 +104,5 @@ __all__ += [
     "coreset_select", "coreset_select_numpy", "coreset_select_stream", "coreset_size", "default_layers",
     "fit_patch_bank", "image_scores", "iter_row_chunks", "load_mvtec_masks", "make_patch_fn", "make_synthetic",
     "mask_path", "patch_scores", "patchcore_scores", "pixel_roc_auc", "pro_curve", "random_projection",
-    "save_overlays", "score_patch_images", "to_model_frame", "write_synthetic_mvtec",
+    "save_overlays", "score_patch_images", "to_model_frame", "write_patches", "write_synthetic_mvtec",
 ]

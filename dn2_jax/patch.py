@@ -202,6 +202,29 @@ def build_bank(patches: np.ndarray, config: PatchConfig = PatchConfig()) -> np.n
     return flat[coreset_select(flat, config.coreset, seed=config.seed, proj_dim=config.coreset_proj_dim)]
 
 
+def write_patches(images: np.ndarray, fn: PatchFn, path: str | os.PathLike) -> np.memmap:
+    """Patch features of images uint8 (N, H, W[, C]) written batch by batch to a ``.npy`` of shape
+    (N * grid * grid, D) float32 (RSS: one batch), e.g. for `dn2_jax.coreset.coreset_select_stream`. The images
+    are validated and ``path`` must not exist, both before anything is written. Returns the file, memory-mapped
+    read-only."""
+    images = np.asarray(images)
+    check_images(images)
+    if os.path.exists(path):
+        raise DN2Error(f"patch bank file {path} already exists")
+    per_image = fn.grid * fn.grid
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                    shape=(len(images) * per_image, fn.feature_dim))
+    starts = range(0, len(images), fn.batch_size)
+    row = 0
+    for feats in fn.stream(images[s : s + fn.batch_size] for s in starts):
+        flat = feats.reshape(-1, fn.feature_dim)
+        out[row : row + len(flat)] = flat
+        row += len(flat)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
 def fit_patch_bank(images: np.ndarray, spec: BackboneSpec | str, variables: Any,
                    config: PatchConfig = PatchConfig(), *, batch_size: int = 32) -> np.ndarray:
     """Patch bank (K, D) float32 of normal training images uint8 (N, H, W[, C]): `make_patch_fn` + `build_bank`."""
