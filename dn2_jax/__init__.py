@@ -118,3 +118,41 @@ from dn2_jax.scoring import (  # noqa: E402  (the `dn2 fit` / `dn2 score` steps 
 
 __all__ += ["ScoreReport", "Source", "dataset_source", "fit_detector", "folder_source", "gallery", "load_detector",
             "score_source", "store_source", "write_report"]
+
+# Patch level (issue 15): patch features, coresets, anomaly maps, pixel metrics, synthetic defects.
+from dn2_jax.coreset import (  # noqa: E402
+    coreset_select,
+    coreset_select_numpy,
+    coreset_select_stream,
+    coreset_size,
+    iter_row_chunks,
+    random_projection,
+)
+from dn2_jax.patch import (  # noqa: E402
+    PatchConfig,
+    PatchFn,
+    PatchResult,
+    aggregate_patches,
+    anomaly_maps,
+    build_bank,
+    default_layers,
+    fit_patch_bank,
+    image_scores,
+    make_patch_fn,
+    patch_scores,
+    patchcore_scores,
+    save_overlays,
+    score_patch_images,
+    to_model_frame,
+    write_patches,
+)
+from dn2_jax.pixel_metrics import aupro, load_mvtec_masks, mask_path, pixel_roc_auc, pro_curve  # noqa: E402
+from dn2_jax.synthetic import make_synthetic, write_synthetic_mvtec  # noqa: E402
+
+__all__ += [
+    "PatchConfig", "PatchFn", "PatchResult", "aggregate_patches", "anomaly_maps", "aupro", "build_bank",
+    "coreset_select", "coreset_select_numpy", "coreset_select_stream", "coreset_size", "default_layers",
+    "fit_patch_bank", "image_scores", "iter_row_chunks", "load_mvtec_masks", "make_patch_fn", "make_synthetic",
+    "mask_path", "patch_scores", "patchcore_scores", "pixel_roc_auc", "pro_curve", "random_projection",
+    "save_overlays", "score_patch_images", "to_model_frame", "write_patches", "write_synthetic_mvtec",
+]
