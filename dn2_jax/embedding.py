@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -56,16 +56,20 @@ class EmbedFn:
 
     Attributes: `batch_size` (a multiple of the device count), `feature_dim` D, `preset`, `mesh`.
     Build it with `make_embed_fn` (cached); see the module docstring for the padding rule.
+
+    `forward(variables, images uint8 (B, H, W, C)) -> (B, ...)` replaces the pooled-feature forward pass when
+    given (e.g. `dn2_jax.patch.PatchFn`'s patch maps); the batching, padding, sharding and prefetch stay the same.
     """
 
     def __init__(self, spec: BackboneSpec, variables: Any, *, batch_size: int, dtype: Any, mesh: Mesh,
-                 feature: str, preset: Preset):
+                 feature: str, preset: Preset, forward: Callable[[Any, jax.Array], jax.Array] | None = None):
         devices = mesh.shape[DATA_AXIS]
         self.mesh = mesh
         self.batch_size = -(-batch_size // devices) * devices
         self.preset = preset
-        forward = functools.partial(_forward, module=spec.module(dtype=dtype), preset=self.preset,
-                                    feature=feature)
+        if forward is None:
+            forward = functools.partial(_forward, module=spec.module(dtype=dtype), preset=self.preset,
+                                        feature=feature)
         probe = jax.ShapeDtypeStruct((1, self.preset.crop, self.preset.crop, 3), jnp.uint8)
         self.feature_dim = int(jax.eval_shape(forward, variables, probe).shape[-1])  # checks `feature`
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from dn2_jax.coreset import coreset_select, random_projection
 from dn2_jax.embedding import EmbedFn
@@ -36,6 +35,7 @@ from dn2_jax.errors import DN2Error
 from dn2_jax.knn import knn
 from dn2_jax.models import BackboneSpec, get_backbone
 from dn2_jax.preprocessing import Preset, check_images, preprocess
+from dn2_jax.sharding import data_mesh
 
 Array = jax.Array
 
@@ -140,15 +140,15 @@ class PatchFn(EmbedFn):
     def __init__(self, spec: BackboneSpec, variables: Any, *, layers: Sequence[str] | None = None, pool: int = 3,
                  grid: int | None = None, proj_dim: int | None = None, seed: int = 0, batch_size: int = 32,
                  dtype: Any = jnp.float32, mesh: Mesh | None = None, input_size: int | None = None):
-        super().__init__(spec, variables, batch_size=batch_size, dtype=dtype, mesh=mesh, feature="pooled",
-                         input_size=input_size)
+        mesh = data_mesh(jax.local_devices()) if mesh is None else mesh
+        preset = spec.preset if input_size is None else spec.preset.at_size(input_size)
         layers = tuple(default_layers(spec) if layers is None else layers)
         if not layers:
             raise DN2Error("layers must name at least one feature map")
         module = spec.module(dtype=dtype)
-        crop = self.preset.crop
+        crop = preset.crop
         probe = jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.uint8)
-        shapes = jax.eval_shape(lambda v, x: module.apply(v, preprocess(x, self.preset)), variables, probe)
+        shapes = jax.eval_shape(lambda v, x: module.apply(v, preprocess(x, preset)), variables, probe)
         spatial = {k: v.shape[1:] for k, v in shapes.items() if len(v.shape) == 4}
         unknown = [name for name in layers if name not in spatial]
         if unknown:
@@ -162,11 +162,10 @@ class PatchFn(EmbedFn):
         dim = sum(spatial[name][2] for name in layers)
         proj = None if proj_dim is None else random_projection(dim, proj_dim, seed)
         self.layers, self.layer_shapes = layers, {name: spatial[name] for name in layers}
-        self.feature_dim = dim if proj is None else proj_dim
-        forward = functools.partial(_patch_forward, module=module, preset=self.preset, layers=layers, pool=pool,
+        forward = functools.partial(_patch_forward, module=module, preset=preset, layers=layers, pool=pool,
                                     grid=self.grid, proj=proj)
-        self._forward = jax.jit(forward, in_shardings=(NamedSharding(self.mesh, P()), self._sharded),
-                                out_shardings=self._sharded)
+        super().__init__(spec, variables, batch_size=batch_size, dtype=dtype, mesh=mesh, feature="pooled",
+                         preset=preset, forward=forward)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)

@@ -128,8 +128,6 @@ def run(cfg, approx_recall: float | None = None):
     results.update({
         "normalize": cfg.normalize, "approx_recall": approx_recall, "process_count": n_proc,
         "device_count": jax.device_count(), "devices": jax.devices()[0].device_kind,
-        # per class as a list with bank and test sizes (what tests/test_sharding.py reads)
-        "per_class": [{"class": r.name, "auc": r.auc, "bank": r.bank, "test": len(r.labels)} for r in per_class],
     })
     return results, per_class
 
