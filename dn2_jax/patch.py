@@ -167,15 +167,6 @@ class PatchFn(EmbedFn):
         super().__init__(spec, variables, batch_size=batch_size, dtype=dtype, mesh=mesh, feature="pooled",
                          preset=preset, forward=forward)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        check_images(images)
-        starts = range(0, len(images), self.batch_size)
-        out = list(self.stream(images[s : s + self.batch_size] for s in starts))
-        if not out:
-            return np.zeros((0, self.grid, self.grid, self.feature_dim), np.float32)
-        return np.concatenate(out)
-
 
 def make_patch_fn(spec: BackboneSpec | str, variables: Any, config: PatchConfig = PatchConfig(), *,
                   batch_size: int = 32, dtype: Any = jnp.float32, mesh: Mesh | None = None) -> PatchFn:
