@@ -8,6 +8,14 @@ Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_back
 
 __version__ = "0.1.0"
 
+from dn2_jax.cleaning import (
+    CLEAN_RULES,
+    DEFAULT_CLEAN,
+    CleanResult,
+    clean_bank,
+    estimate_contamination,
+    sharded_clean_bank,
+)
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
 from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, load_dataset, max_image_pixels
 from dn2_jax.detector import Detector, DetectorConfig, Query
@@ -45,6 +53,7 @@ from dn2_jax.knn import (
 )
 from dn2_jax.metrics import roc_auc, roc_curve
 from dn2_jax.models import BACKBONES, BackboneSpec, default_weights, fingerprint, get_backbone, init_random_variables
+from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, SetPool, fit_set_pool
 from dn2_jax.preprocessing import PRESETS, Preset, preprocess
 from dn2_jax.protocols import (
     contaminated_bank,
@@ -89,6 +98,8 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_store_path", "check_writable",
     "publish_dir", "read_tree_metadata", "restore_tree", "save_tree", "writer_lock",
     "bank_center", "blocked_knn", "check_exclude", "check_features", "clear_embed_cache", "ShardedBank",
+    "CLEAN_RULES", "DEFAULT_CLEAN", "CleanResult", "clean_bank", "estimate_contamination", "sharded_clean_bank",
+    "DEFAULT_POOL", "SET_POOLS", "SetPool", "fit_set_pool",
 ]
 __all__ += ["decode_image", "decode_images", "max_image_pixels"]
 __all__ += ["Detector", "DetectorConfig", "Query"]

@@ -1,0 +1,95 @@
+"""Study of orderless set pooling for group anomaly detection (issue 14): the paper's mean pool vs the pools of
+dn2_jax.pooling vs the pointwise baseline, on a validation split carved out of TRAIN (to choose the default
+pool and prototype count) and then on TEST (to report).
+
+Protocol (features from scripts/study_features.py: Lite0 224x224, L2-normalised): for normal class c and set
+size M the group classes are (c, c+1, ..., c+M-1) mod 10; dn2_jax.protocols.train_test_groups(bank labels,
+query labels, classes, --train-groups, --test-groups/2 normal, --test-groups/2 anomalous, seed = seed + c)
+makes the sets (an anomalous set misses one class and repeats another).
+  val   train sets from the train pool, test sets from the held-out sixth of train (study_features).
+  test  train sets from the whole train subsample, test sets from the test subsample.
+The pool is fitted on the normal train images only (every bank-side image of the group classes, of which the
+train sets are drawn); the DN2 score is the mean squared distance
+(k = 2) of a pooled test set to the pooled train sets. Pointwise: each test image scored against those normal train
+images (k = 2), averaged over its set. ROC-AUC per class, mean over the 10 classes.
+
+    python scripts/study_group.py --features /tmp/dn2-study/fashion_mnist-tr600-te2000-s0.npz --phase val
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_cleaning import auc, sq_dists  # noqa: E402
+from study_features import load_features, split_views  # noqa: E402
+
+from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, fit_set_pool  # noqa: E402
+from dn2_jax.protocols import train_test_groups  # noqa: E402
+
+SCORE_K = 2
+
+
+def knn_score(q: np.ndarray, b: np.ndarray, k: int = SCORE_K) -> np.ndarray:
+    return np.partition(sq_dists(q, b), k - 1, axis=1)[:, :k].mean(1)
+
+
+def run(f, phase: str, m: int, configs: dict, n_train: int, n_test: int, seed: int) -> dict:
+    """{config name: mean AUC}; configs map a name to (pool, prototypes) or 'pointwise'."""
+    bx, by, qx, qy = split_views(f, phase, seed)
+    n_classes = int(by.max()) + 1
+    aucs = {name: [] for name in configs}
+    for c in range(n_classes):
+        classes = [(c + j) % n_classes for j in range(m)]
+        train_sets, groups = train_test_groups(by, qy, classes, n_train, n_test // 2, n_test - n_test // 2,
+                                               seed=seed + c)
+        normal_imgs = np.flatnonzero(np.isin(by, classes))  # every train (pool) image of the group classes
+        for name, cfg in configs.items():
+            if cfg == "pointwise":
+                s = knn_score(qx[groups.sets.ravel()], bx[normal_imgs]).reshape(groups.sets.shape).mean(1)
+            else:
+                pool, p = cfg
+                sp = fit_set_pool(bx[normal_imgs], pool, prototypes=p, seed=seed)
+                s = knn_score(np.asarray(sp(qx, groups.sets)), np.asarray(sp(bx, train_sets)))
+            aucs[name].append(auc(s, groups.anomaly))
+    return {name: 100 * float(np.mean(v)) for name, v in aucs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", required=True)
+    ap.add_argument("--phase", choices=("val", "test"), default="val")
+    ap.add_argument("--sizes", default="3,5")
+    ap.add_argument("--train-groups", type=int, default=200)
+    ap.add_argument("--test-groups", type=int, default=200)
+    ap.add_argument("--pools", default=",".join(SET_POOLS))
+    ap.add_argument("--prototypes", default="8,16,32")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    f = load_features(args.features)
+    t0 = time.perf_counter()
+    configs: dict = {"pointwise": "pointwise"}
+    for pool in args.pools.split(","):
+        ps = [int(p) for p in args.prototypes.split(",")] if "hist" in pool.split("+") else [8]
+        for p in ps:
+            configs[pool if "hist" not in pool.split("+") else f"{pool} P={p}"] = (pool, p)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    res = {m: run(f, args.phase, m, configs, args.train_groups, args.test_groups, args.seed) for m in sizes}
+    bx, _, qx, _ = split_views(f, args.phase, args.seed)
+    print(f"\n## Group anomaly detection, phase={args.phase}: mean ROC-AUC over 10 classes; "
+          f"{args.train_groups} normal train sets, {args.test_groups} test sets (half anomalous) per class; "
+          f"bank images from {len(bx)}, test images from {len(qx)}; default pool {DEFAULT_POOL!r}")
+    print("| pool | " + " | ".join(f"M = {m}" for m in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in configs:
+        print(f"| {name} | " + " | ".join(f"{res[m][name]:.1f}" for m in sizes) + " |")
+    print(f"\n({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
