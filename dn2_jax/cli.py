@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import types
@@ -107,7 +108,7 @@ def _report_skipped(command: str, skipped) -> None:
     """Count and paths of the image files left out (--skip-bad-images), on stderr."""
     if skipped:
         lines = [f"dn2 {command}: skipped {len(skipped)} image file{'s' * (len(skipped) > 1)} that could not be "
-                 "decoded:"] + [f"  {path}: {reason}" for path, reason in skipped]
+                 "decoded:"] + [f"  {reason}" if path in reason else f"  {path}: {reason}" for path, reason in skipped]
         print("\n".join(lines), file=sys.stderr)
 
 
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
     parser = build_parser()
+    data_log = logging.getLogger("dn2_jax.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the commands report skipped image files themselves (_report_skipped)
     try:
         args = parser.parse_args(argv)
         args.func(args)
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dn2: interrupted", file=sys.stderr)
         return 130
+    finally:
+        data_log.setLevel(level)
     return 0
 
 
