@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_cleaning import auc, sq_dists  # noqa: E402
 from study_features import load_features, split_views  # noqa: E402
 
+from dn2_jax import pooling  # noqa: E402
 from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, fit_set_pool  # noqa: E402
 from dn2_jax.protocols import train_test_groups  # noqa: E402
 
@@ -53,7 +54,8 @@ def run(f, phase: str, m: int, configs: dict, n_train: int, n_test: int, seed: i
             if cfg == "pointwise":
                 s = knn_score(qx[groups.sets.ravel()], bx[normal_imgs]).reshape(groups.sets.shape).mean(1)
             else:
-                pool, p = cfg
+                pool, p, scale = cfg
+                pooling.TEMPERATURE_SCALE = scale  # the study's knob; the library's value is the chosen one
                 sp = fit_set_pool(bx[normal_imgs], pool, prototypes=p, seed=seed)
                 s = knn_score(np.asarray(sp(qx, groups.sets)), np.asarray(sp(bx, train_sets)))
             aucs[name].append(auc(s, groups.anomaly))
@@ -69,15 +71,21 @@ def main() -> None:
     ap.add_argument("--test-groups", type=int, default=200)
     ap.add_argument("--pools", default=",".join(SET_POOLS))
     ap.add_argument("--prototypes", default="8,16,32")
+    ap.add_argument("--temperature-scales", default=str(pooling.TEMPERATURE_SCALE),
+                    help="values of dn2_jax.pooling.TEMPERATURE_SCALE to try for pools with a 'hist' part")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     f = load_features(args.features)
     t0 = time.perf_counter()
     configs: dict = {"pointwise": "pointwise"}
+    scales = [float(t) for t in args.temperature_scales.split(",")]
     for pool in args.pools.split(","):
-        ps = [int(p) for p in args.prototypes.split(",")] if "hist" in pool.split("+") else [8]
-        for p in ps:
-            configs[pool if "hist" not in pool.split("+") else f"{pool} P={p}"] = (pool, p)
+        if "hist" not in pool.split("+"):
+            configs[pool] = (pool, 8, 1.0)
+            continue
+        for p in [int(p) for p in args.prototypes.split(",")]:
+            for t in scales:
+                configs[f"{pool} P={p}" + (f" T×{t:g}" if len(scales) > 1 else "")] = (pool, p, t)
     sizes = [int(s) for s in args.sizes.split(",")]
     res = {m: run(f, args.phase, m, configs, args.train_groups, args.test_groups, args.seed) for m in sizes}
     bx, _, qx, _ = split_views(f, args.phase, args.seed)
