@@ -289,6 +289,8 @@ def test_eval_on_a_small_folder_of_mixed_sizes_adapts_the_quick_subsample_and_re
         (["eval", "--mode", "unsupervised", "--classes", "0", "--bank-size", "30"], "leave-one-out k=40; class"),
         (["eval", "--mode", "unsupervised", "--classes", "0", "--bank-size", "30", "--clean-k", "5",
           "--clean-fraction", "0.95"], "after the 'fixed' cleaning"),
+        (["eval", "--mode", "unsupervised", "--classes", "0", "--bank-size", "15", "--clean", "adaptive",
+          "--clean-k", "3"], "needs a bank of at least 20 images; class 'T-shirt/top' has 15"),
         (["eval", "--clean", "paper"], "--clean applies to --mode unsupervised, not --mode semi"),
         (["eval", "--mode", "group", "--clean-k", "3"], "--clean-k applies to --mode unsupervised"),
         (["eval", "--mode", "group", "--group-pool", "median"], "invalid choice: 'median'"),

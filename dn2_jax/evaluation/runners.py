@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from dn2_jax import protocols
-from dn2_jax.cleaning import resolve_rule
+from dn2_jax.cleaning import MIN_ESTIMATE_ROWS, resolve_rule
 from dn2_jax.data import Dataset, load_dataset
 from dn2_jax.errors import DN2Error
 from dn2_jax.evaluation.config import PIXELS, QUICK, EvalConfig, validate_config
@@ -182,6 +182,9 @@ def _check_cleaning_fits(k: int, n: int, settings: dict, name: str) -> None:
     if rule.loo_k >= n:
         raise DN2Error(f"{what} cleaning needs a bank larger than its leave-one-out k={rule.loo_k}; class '{name}' "
                        f"has {n} images: raise --bank-size" + (" or lower --clean-k" if rule.rule != "paper" else ""))
+    if rule.rule == "adaptive" and n < MIN_ESTIMATE_ROWS:
+        raise DN2Error(f"the 'adaptive' cleaning estimates the contamination, which needs a bank of at least "
+                       f"{MIN_ESTIMATE_ROWS} images; class '{name}' has {n}: raise --bank-size")
     _check_k_fits(k, n - int(np.floor(rule.fraction * n)), f"left of class '{name}' after {what} cleaning")
 
 
