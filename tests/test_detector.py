@@ -221,6 +221,7 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["det"]  # no temporaries left
 
 
+@pytest.mark.slow
 def test_save_load_keeps_the_contamination_estimate_and_reads_format_1(tmp_path):
     bank = gaussian(40, seed=3)
     det = raw_detector(clean="fixed", clean_k=5).fit_features(bank)

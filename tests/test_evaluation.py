@@ -107,6 +107,7 @@ def _faiss_scores(bank, queries, k):
     return index.search(np.ascontiguousarray(queries, np.float32), k)[0].mean(1)
 
 
+@pytest.mark.slow
 def test_unsupervised_reports_chosen_paper_and_no_cleaning_against_faiss_and_sklearn():
     import dn2_jax as dn2
     from dn2_jax import cleaning
@@ -133,6 +134,7 @@ def test_unsupervised_reports_chosen_paper_and_no_cleaning_against_faiss_and_skl
     assert res["extra"]["contamination"]["mean"] == pytest.approx(0.2)
 
 
+@pytest.mark.slow
 def test_group_pool_is_fitted_on_normal_train_images_and_reported_beside_mean_and_pointwise():
     from dn2_jax.pooling import fit_set_pool
 
