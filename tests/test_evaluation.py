@@ -158,3 +158,27 @@ def test_group_pool_is_fitted_on_normal_train_images_and_reported_beside_mean_an
     assert res["extra"]["auc_mean_pool"]["mean"] == pytest.approx(want["mean"], abs=1e-6)
     assert res["extra"]["auc_pointwise"]["mean"] == pytest.approx(roc_auc_score(groups.anomaly, pointwise), abs=1e-6)
     assert want["mean+hist"] > want["mean"] + 0.02  # the two pools are told apart (0.72 vs 0.68)
+
+
+def test_cached_features_of_a_folder_follow_its_files(tmp_path):
+    """A store's ids index the folder's files: a file added later (shifting the indices) or a file skipped as
+    undecodable must not be served the features cached for another file."""
+    from PIL import Image
+
+    from dn2_jax.data import clear_cache
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    for i, value in enumerate((10, 100, 200)):
+        Image.fromarray(np.full((6, 6, 3), value, np.uint8)).save(root / "a" / f"{i}.png")
+    extract = FeatureExtractor(_FakeDetector(), cache_dir=tmp_path / "cache")
+    first = extract(load_dataset(f"folder:{root}", "all"), np.arange(3))
+    np.testing.assert_array_equal(first[:, 0], [10, 100, 200])
+    Image.fromarray(np.full((6, 6, 3), 50, np.uint8)).save(root / "a" / "0a.png")  # sorts between 0 and 1
+    clear_cache()
+    ds = load_dataset(f"folder:{root}", "all")
+    np.testing.assert_array_equal(extract(ds, np.arange(4))[:, 0], [10, 50, 100, 200])
+    (root / "a" / "1.png").write_bytes(b"broken")
+    clear_cache()
+    ds = load_dataset(f"folder:{root}", "all", on_error="skip")
+    np.testing.assert_array_equal(extract(ds, np.arange(3))[:, 0], [10, 50, 200])
