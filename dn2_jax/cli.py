@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import types
@@ -86,10 +87,29 @@ def _add_source(p: argparse.ArgumentParser, split: str, queries: bool) -> None:
         src.add_argument("--queries", help="an embedding store (`dn2 embed` output) of the images' features")
     else:
         src.add_argument("--store", help="an embedding store (`dn2 embed` output) of normal images")
+    _add_skip_flag(p)
     p.add_argument("--split", default=argparse.SUPPRESS, help=f"dataset split (default: {split})")
     p.add_argument("--classes", type=_classes, default=argparse.SUPPRESS, metavar="C,C,...",
                    help="only images of these classes (default: all)")
     p.add_argument("--data-dir", default=argparse.SUPPRESS, help="where local dataset files live")
+
+
+def _add_skip_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-images", action="store_true", default=argparse.SUPPRESS,
+                   help="leave out image files that cannot be decoded (listed on stderr) instead of stopping at the "
+                   "first one")
+
+
+def _on_error(args) -> str:
+    return "skip" if hasattr(args, "skip_bad_images") else "raise"
+
+
+def _report_skipped(command: str, skipped) -> None:
+    """Count and paths of the image files left out (--skip-bad-images), on stderr."""
+    if skipped:
+        lines = [f"dn2 {command}: skipped {len(skipped)} image file{'s' * (len(skipped) > 1)} that could not be "
+                 "decoded:"] + [f"  {reason}" if path in reason else f"  {path}: {reason}" for path, reason in skipped]
+        print("\n".join(lines), file=sys.stderr)
 
 
 def _source(args, split: str):
@@ -99,10 +119,12 @@ def _source(args, split: str):
     if args.dataset is None and extra:
         raise DN2Error(f"{', '.join(_flag(n) for n in extra)} only apply with --dataset")
     if args.images is not None:
-        return scoring.folder_source(args.images)
+        return scoring.folder_source(args.images, on_error=_on_error(args))
     if args.dataset is not None:
         return scoring.dataset_source(args.dataset, getattr(args, "split", split), getattr(args, "classes", None),
-                                      getattr(args, "data_dir", None))
+                                      getattr(args, "data_dir", None), on_error=_on_error(args))
+    if hasattr(args, "skip_bad_images"):
+        raise DN2Error("--skip-bad-images only applies with --images or --dataset (a store holds features)")
     return scoring.store_source(getattr(args, "store", None) or args.queries)
 
 
@@ -130,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir")
     p.add_argument("--class", dest="class_", type=int, help="only images of this class (a one-class bank)")
+    _add_skip_flag(p)
     add_config_flags(p, DetectorConfig, names=features)
     p.add_argument("--chunk-size", type=int, default=4096, help="images per atomically committed chunk")
     p.add_argument("--out", required=True, help="store directory")
@@ -192,6 +215,9 @@ def cmd_eval(args) -> None:
     if given.get("dataset", "").startswith("mvtec:"):
         _refuse(given, ("classes", "bank_size", "test_size"), "do not apply to an MVTec-style folder (its "
                 "train/good is the bank and every test image is scored)")
+    pool = given.get("group_pool", evaluation.EvalConfig.group_pool)
+    if "prototypes" in given and "hist" not in pool.split("+"):
+        raise DN2Error(f"--prototypes applies to a --group-pool with 'hist', not --group-pool {pool}")
     if hasattr(args, "no_cache") and hasattr(args, "cache_dir"):
         raise DN2Error("--no-cache and --cache-dir contradict each other; pass one")
     cache = None if hasattr(args, "no_cache") else os.path.abspath(getattr(args, "cache_dir", DEFAULT_CACHE))
@@ -200,6 +226,7 @@ def cmd_eval(args) -> None:
     cfg.detector_config()  # settings the detector refuses (e.g. --input-size with pixels), before any work
     out_dir = evaluation.check_output_dir(args.out)
     results, per_class = evaluation.evaluate(cfg)
+    _report_skipped("eval", [(s["path"], s["reason"]) for s in results["skipped_images"]])
     for path in evaluation.write_outputs(out_dir, results, per_class):
         print(f"wrote {path}")
     if cfg.adapt is not None:
@@ -217,7 +244,9 @@ def cmd_embed(args) -> None:
     store.check_store_path(args.out, "--out")  # before loading data or model
     config = DetectorConfig(**given_settings(args, DetectorConfig))
     st = embed_split(args.out, config, args.dataset, args.split, data_dir=args.data_dir, class_=args.class_,
-                     chunk_size=args.chunk_size)
+                     chunk_size=args.chunk_size, on_error=_on_error(args))
+    skipped = st.metadata.get("skipped") or []
+    _report_skipped("embed", [(item["path"], item["reason"]) for item in skipped])
     print(f"wrote {args.out}: {st.count} embeddings of dim {st.dim} ({st.metadata['backbone']})")
 
 
@@ -231,9 +260,14 @@ def cmd_fit(args) -> None:
     else:
         config = DetectorConfig(**given)
     scoring.check_new_output(args.out, "--out", overwrite=args.overwrite)
-    det = scoring.fit_detector(config, _source(args, "train"), args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {det.bank_size} normal images, k={det.config.k}, threshold {det.threshold:.6g} "
-          f"(target FPR {det.config.fpr})")
+    source = _source(args, "train")
+    _report_skipped("fit", source.skipped)
+    det = scoring.fit_detector(config, source, args.out, overwrite=args.overwrite)
+    cleaned = "" if det.config.clean == "none" else f" (cleaning '{det.config.clean}' kept {det.bank_size} of " \
+        f"{len(source)})"
+    estimate = "" if det.contamination is None else f", estimated contamination {det.contamination:.3f}"
+    print(f"wrote {args.out}: {det.bank_size} normal images{cleaned}, k={det.config.k}, threshold "
+          f"{det.threshold:.6g} (target FPR {det.config.fpr}){estimate}")
 
 
 def cmd_score(args) -> None:
@@ -251,7 +285,9 @@ def cmd_score(args) -> None:
     det, note = scoring.load_detector(args.detector, **given_settings(args, DetectorConfig))
     if note:
         print(f"dn2 score: {note}", file=sys.stderr)
-    report = scoring.score_source(det, _source(args, "test"))
+    source = _source(args, "test")
+    _report_skipped("score", source.skipped)
+    report = scoring.score_source(det, source)
     if args.out is not None:
         scoring.write_report(report, args.out, detector=str(args.detector))
         print(f"wrote {len(report.names)} scores to {args.out}")
@@ -307,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
     parser = build_parser()
+    data_log = logging.getLogger("dn2_jax.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the commands report skipped image files themselves (_report_skipped)
     try:
         args = parser.parse_args(argv)
         args.func(args)
@@ -316,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dn2: interrupted", file=sys.stderr)
         return 130
+    finally:
+        data_log.setLevel(level)
     return 0
 
 

@@ -28,28 +28,40 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dn2_jax import knn
+from dn2_jax import cleaning, knn
 from dn2_jax.data import Dataset
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.preprocessing import check_images
 
 PIXELS = "pixels"  # raw-pixel baseline: the image itself, flattened, in [0, 1], through the same kNN path.
-CLEAN_RULES = ("none", "paper")
 DTYPES = ("float32", "bfloat16")
 FORMAT = "dn2-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clean_rounds, rule defaults for clean_k/clean_fraction, the contamination estimate
+_READABLE_VERSIONS = (1, 2)
 MANIFEST = "detector.json"
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def _clean_rules_help() -> str:
+    """The rules of `dn2_jax.cleaning` with their defaults, for help texts."""
+    rules = []
+    for rule in cleaning.CLEAN_RULES:
+        if rule == "none":
+            rules.append("none")
+            continue
+        s = cleaning.resolve_rule(rule)
+        drop = f"at most {s.fraction:g} (the estimated contamination)" if rule == "adaptive" else f"{s.fraction:g}"
+        rules.append(f"{rule} (leave-one-out k {s.loo_k}, drops {drop}, {s.rounds} round{'s' * (s.rounds > 1)})")
+    return "; ".join(rules) + f"; {cleaning.DEFAULT_CLEAN!r} was chosen on a validation split"
 
 
 def _backbone_names() -> tuple[str, ...]:
@@ -71,10 +83,14 @@ class DetectorConfig:
     dtype: str = _field("float32", "backbone compute dtype (features are float32 either way)", choices=DTYPES)
     normalize: bool = _field(True, "L2-normalise features before kNN (the measured default; off = raw features)")
     k: int = _field(2, "nearest bank images averaged in the score")
-    clean: str = _field("none", "cleaning of a contaminated bank before calibration: none, or paper (drop the "
-                        "clean_fraction of the bank with the largest leave-one-out score)", choices=CLEAN_RULES)
-    clean_fraction: float = _field(0.5, "share of the bank dropped by cleaning, in (0, 1)")
-    clean_k: int | None = _field(None, "neighbours of the cleaning score (default: k)")
+    clean: str = _field("none", f"cleaning of a contaminated bank before calibration: {_clean_rules_help()}",
+                        choices=cleaning.CLEAN_RULES)
+    clean_fraction: float | None = _field(None, "share of the bank cleaning drops in all (adaptive: at most), in "
+                                          "(0, 1) (default: the rule's)")
+    clean_k: int | None = _field(None, "leave-one-out neighbours of the cleaning score, independent of k, smaller "
+                                 "than the bank (default: the rule's)")
+    clean_rounds: int | None = _field(None, "rounds of cleaning, each re-scoring the rows kept so far (default: "
+                                      "the rule's)")
     fpr: float = _field(0.05, "target false-positive rate of predict(), in (0, 1)")
     batch_size: int = _field(64, "images per backbone step")
 
@@ -103,17 +119,24 @@ class DetectorConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise DN2Error(f"{name} must be a positive int, got {value!r}")
-        if self.clean not in CLEAN_RULES:
-            raise DN2Error(f"clean must be one of {', '.join(CLEAN_RULES)}, got {self.clean!r}")
-        if self.clean_k is not None and (not is_int(self.clean_k) or self.clean_k < 1):
-            raise DN2Error(f"clean_k must be None or a positive int, got {self.clean_k!r}")
+        if self.clean not in cleaning.CLEAN_RULES:
+            raise DN2Error(f"clean must be one of {', '.join(cleaning.CLEAN_RULES)}, got {self.clean!r}")
+        for name in ("clean_k", "clean_rounds"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise DN2Error(f"{name} must be None or a positive int, got {value!r}")
         for name in ("clean_fraction", "fpr"):
             value = getattr(self, name)
+            if value is None and name == "clean_fraction":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
                     or not 0.0 < float(value) < 1.0:
                 raise DN2Error(f"{name} must be a number in (0, 1), got {value!r}")
             object.__setattr__(self, name, float(value))
-        for name in ("k", "batch_size", "input_size", "clean_k"):
+        if self.clean == "none" and (given := [n for n in CLEAN_OPTIONS if getattr(self, n) is not None]):
+            raise DN2Error(f"{', '.join(given)} only apply with a cleaning rule (clean is 'none'); choose one of "
+                           f"{', '.join(r for r in cleaning.CLEAN_RULES if r != 'none')}")
+        for name in ("k", "batch_size", "input_size", "clean_k", "clean_rounds"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "normalize", bool(self.normalize))
@@ -127,6 +150,11 @@ class DetectorConfig:
         """Plain JSON data."""
         return dataclasses.asdict(self)
 
+    def clean_settings(self) -> cleaning.CleanSettings:
+        """The cleaning rule with its options resolved (None = the rule's default)."""
+        return cleaning.resolve_rule(self.clean, loo_k=self.clean_k, fraction=self.clean_fraction,
+                                     rounds=self.clean_rounds)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
         """The config of `to_dict` output (validated); unknown keys raise DN2Error."""
@@ -134,6 +162,9 @@ class DetectorConfig:
             raise DN2Error(f"a detector config must be a dict, got {type(data).__name__}")
         _check_field_names(data)
         return cls(**data)
+
+
+CLEAN_OPTIONS = ("clean_k", "clean_fraction", "clean_rounds")
 
 
 def _check_field_names(names: Any) -> None:
@@ -224,6 +255,7 @@ class Detector:
         self._calibration: np.ndarray | None = None  # (n,) float32 leave-one-out scores of the bank
         self._sorted_calibration: np.ndarray | None = None
         self._bank_device: Any = None  # (bank, squared norms) on device, reused by every query
+        self._contamination: float | None = None  # estimated share of contaminants in the fitted images
 
     def __repr__(self) -> str:
         state = f"bank={self.bank_size}" if self.is_fitted else "not fitted"
@@ -272,6 +304,14 @@ class Detector:
         """Paths of the bank rows, or None if the detector was fitted without paths."""
         kept = self._fitted()[1]
         return None if self._paths is None else [self._paths[i] for i in kept]
+
+    @property
+    def contamination(self) -> float | None:
+        """Estimated share in [0, 1) of contaminants (anomalies) among every fitted image, from the cleaning
+        rule's leave-one-out scores (`dn2_jax.cleaning.estimate_contamination`); None when the detector does
+        not clean (clean='none') or the bank is too small for an estimate. Saved with the detector."""
+        self._fitted()
+        return self._contamination
 
     @property
     def calibration_scores(self) -> np.ndarray:
@@ -436,16 +476,31 @@ class Detector:
         self._set_bank(np.concatenate([self._features, feats]), all_paths, all_ids)
         return self
 
-    def _clean(self, features: np.ndarray) -> np.ndarray:
-        """Rows of `features` kept by the configured cleaning rule, sorted ascending (int64)."""
-        cfg = self.config
-        if cfg.clean == "none":
-            return np.arange(len(features))
-        clean_k = cfg.k if cfg.clean_k is None else cfg.clean_k
-        if clean_k > len(features) - 1:
-            raise DN2Error(f"clean_k={clean_k} needs a bank of at least {clean_k + 1} images for cleaning, "
-                           f"got {len(features)}")
-        return np.asarray(knn.clean(features, clean_k, cfg.clean_fraction), np.int64)
+    def _clean(self, features: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """(rows of `features` kept by the configured rule (`cleaning.clean_bank`), sorted ascending int64;
+        the estimated contamination of `features` or None). The estimate is the rule's own (adaptive), else
+        `cleaning.estimate_contamination` of the first round's leave-one-out scores (None for rule 'none' or a
+        bank under `cleaning.MIN_ESTIMATE_ROWS` rows)."""
+        settings = self.config.clean_settings()
+        if settings.rule == "none":
+            return np.arange(len(features), dtype=np.int64), None
+        if settings.loo_k > len(features) - 1:
+            raise DN2Error(f"clean_k={settings.loo_k} (leave-one-out neighbours of {settings.rule!r} cleaning) must "
+                           f"be smaller than the bank, which has {len(features)} images")
+        first: list[np.ndarray] = []
+
+        def self_score(rows: Any, k: int) -> np.ndarray:  # records the first round's scores (the whole bank)
+            scores = np.asarray(knn.self_knn_score(rows, k), np.float32)
+            if not first:
+                first.append(scores)
+            return scores
+
+        res = cleaning.clean_bank(features, settings.rule, loo_k=settings.loo_k, fraction=settings.fraction,
+                                  rounds=settings.rounds, self_score=self_score)
+        estimate = res.contamination
+        if estimate is None and len(first[0]) >= cleaning.MIN_ESTIMATE_ROWS:
+            estimate = cleaning.estimate_contamination(first[0])
+        return np.asarray(res.keep, np.int64), estimate
 
     def _set_bank(self, features: np.ndarray, paths: Any, ids: Any) -> None:
         """Validates everything, then cleans, calibrates and replaces the state (all or nothing)."""
@@ -456,11 +511,12 @@ class Detector:
         if self.config.clean == "none" and k > n - 1:
             raise DN2Error(f"k={k} needs a bank of at least {k + 1} images (k neighbours for the leave-one-out "
                            f"calibration), got {n}")
-        kept = self._clean(features)
+        kept, contamination = self._clean(features)
         if k > len(kept) - 1:
             raise DN2Error(f"k={k} needs at least {k + 1} bank images after cleaning, but cleaning kept "
                            f"{len(kept)} of {n}; lower k or clean_fraction, or fit more images")
         self._install(features, ids, paths, kept, None)
+        self._contamination = contamination
 
     def _install(self, features: np.ndarray, ids: np.ndarray, paths: list[str] | None, kept: np.ndarray,
                  calibration: np.ndarray | None) -> None:
@@ -568,7 +624,7 @@ class Detector:
         written to a temporary sibling and renamed into place. An existing `path` is refused unless
         `overwrite` (and then only if it is a saved detector). A relative `weights` path is saved absolute.
         Returns the absolute path."""
-        from dn2_jax import store
+        from dn2_jax import fileio, store
 
         features, kept = self._fitted()
         path = Path(path).absolute()
@@ -593,13 +649,14 @@ class Detector:
             "bank_size": int(len(kept)),
             "dim": int(features.shape[1]),
             "threshold": self.threshold,
+            "contamination": self._contamination,
             "paths": self._paths,
         }
         meta = {**identity, "dataset": "detector", "compute_dtype": self.config.dtype,
                 "normalized": self.config.normalize}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            tmp = fileio.temporary_dir(path)
         except OSError as e:
             raise DN2FileError(f"cannot write the detector '{path}': {e}") from e
         try:
@@ -607,7 +664,7 @@ class Detector:
             store.write_store(tmp / "calibration", self._calibration[:, None],
                               metadata={**meta, "split": "calibration"}, ids=kept)
             _write_manifest(tmp / MANIFEST, manifest)
-            _publish(tmp, path)
+            fileio.publish_dir(tmp, path, overwrite=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
@@ -667,6 +724,7 @@ class Detector:
             raise DN2Error(f"k={det.config.k} needs a bank of at least {det.config.k + 1} images, this detector's "
                            f"has {len(kept)}")
         det._install(features, ids, paths, kept, calibration if det.config.k == saved_config.k else None)
+        det._contamination = manifest.get("contamination")
         return det
 
 
@@ -690,17 +748,6 @@ def _write_manifest(file: Path, manifest: dict[str, Any]) -> None:
     file.write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Moves the finished directory `tmp` to `path` atomically, replacing a previous one only once complete."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.replace(path, old / "detector")
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise DN2FileError(f"detector '{path}' does not exist")
@@ -713,13 +760,30 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise DN2FileError(f"detector '{path}' is damaged: {MANIFEST} cannot be read ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DN2FileError(f"'{path}' is not a saved detector ({MANIFEST} is not a {FORMAT} manifest)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DN2FileError(f"detector '{path}' has format version {manifest.get('format_version')}; this dn2_jax "
-                           f"reads version {FORMAT_VERSION}")
+    version = manifest.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise DN2FileError(f"detector '{path}' has format version {version}; this dn2_jax reads versions "
+                           f"{', '.join(map(str, _READABLE_VERSIONS))}")
     keys = {"config": dict, "identity": dict, "count": int, "bank_size": int, "dim": int}
     if bad := [key for key, t in keys.items() if not isinstance(manifest.get(key), t)]:
         raise DN2FileError(f"detector '{path}' is damaged: {MANIFEST} lacks {', '.join(bad)}")
+    contamination = manifest.get("contamination")
+    if contamination is not None and not (isinstance(contamination, float) and 0 <= contamination < 1):
+        raise DN2FileError(f"detector '{path}' is damaged: its contamination {contamination!r} is not in [0, 1)")
+    if version == 1:
+        manifest["config"] = _config_from_v1(manifest["config"])
     return manifest
+
+
+def _config_from_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 config in today's terms: there clean_fraction (0.5) was set even without cleaning and the
+    paper rule's leave-one-out k defaulted to the scoring k."""
+    config = dict(config)
+    if config.get("clean") == "none":
+        config["clean_fraction"] = config["clean_k"] = None
+    elif config.get("clean_k") is None:
+        config["clean_k"] = config.get("k", 2)
+    return config
 
 
 __all__ = ["Detector", "DetectorConfig", "Query"]

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, load_dataset
+from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, decode_images, load_dataset
 from dn2_jax.errors import DN2Error, DN2FileError
+from dn2_jax.fileio import atomic_write_text, make_parents
 
 REPORT_FORMATS = (".json", ".csv")
 
@@ -39,12 +40,14 @@ class Source:
     names: N names (file paths, or ``SPEC@SPLIT#INDEX``).
     store: an embedding store's path (features already extracted), else None.
     labels: (N,) int64 class labels where known, else None.
+    skipped: (path, reason) of each image file left out because it could not be decoded (on_error="skip").
     """
 
     images: Any
     names: list[str]
     store: Path | None = None
     labels: np.ndarray | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -77,22 +80,29 @@ def load_image(name: str, data_dir: str | None = None) -> np.ndarray:
     return np.asarray(ds.images[index])
 
 
-def folder_source(directory: str | os.PathLike) -> Source:
-    """Every image file under `directory` (recursively, sorted), named by its path as given."""
+def folder_source(directory: str | os.PathLike, *, on_error: str = "raise") -> Source:
+    """Every image file under `directory` (recursively, sorted), named by its path as given.
+
+    on_error: "raise" stops at the first file that cannot be decoded, naming it; "skip" leaves such files out
+    and lists them in `Source.skipped` (`dn2_jax.data.decode_images`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DN2FileError(f"--images '{directory}' is not a directory")
     paths = sorted(str(p) for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise DN2FileError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under '{directory}'")
-    return Source([decode_image(p) for p in paths], paths)
+    images, kept, skipped = decode_images(paths, on_error=on_error)
+    if not kept:
+        raise DN2FileError(f"none of the {len(paths)} image files under '{directory}' decodes ({skipped[0][1]})")
+    return Source(images, kept, skipped=skipped)
 
 
 def dataset_source(spec: str, split: str, classes: Sequence[int] | None = None,
-                   data_dir: str | None = None) -> Source:
+                   data_dir: str | None = None, *, on_error: str = "raise") -> Source:
     """Images of a dataset split (only those of `classes` if given), named by file path where the dataset
-    has files, else ``SPEC@SPLIT#INDEX``."""
-    ds = load_dataset(spec, split, data_dir)
+    has files, else ``SPEC@SPLIT#INDEX``. on_error: as `dn2_jax.data.load_dataset` (image-file datasets);
+    files left out are listed in `Source.skipped`."""
+    ds = load_dataset(spec, split, data_dir, on_error=on_error)
     idx = np.arange(len(ds))
     if classes is not None:
         bad = [c for c in classes if not 0 <= c < len(ds.class_names)]
@@ -103,7 +113,7 @@ def dataset_source(spec: str, split: str, classes: Sequence[int] | None = None,
         raise DN2Error(f"{spec} ({split}) has no images of classes {list(classes or [])}")
     images = ds.images[idx] if isinstance(ds.images, np.ndarray) else [ds.images[i] for i in idx]
     names = [ds.paths[i] for i in idx] if ds.paths is not None else [dataset_ref(spec, split, i) for i in idx]
-    return Source(images, names, labels=ds.labels[idx])
+    return Source(images, names, labels=ds.labels[idx], skipped=ds.skipped)
 
 
 def store_source(path: str | os.PathLike) -> Source:
@@ -193,10 +203,11 @@ class ScoreReport:
     source: Source
 
     def summary(self) -> dict[str, Any]:
-        """{"images", "anomalous", "normal", "k", "fpr", "threshold"}."""
+        """{"images", "anomalous", "normal", "skipped", "k", "fpr", "threshold"}; skipped: image files of the
+        source left out as undecodable (not scored)."""
         n_bad = int(np.sum(self.query.anomalous))
-        return {"images": len(self.names), "anomalous": n_bad, "normal": len(self.names) - n_bad, "k": self.k,
-                "fpr": self.fpr, "threshold": self.threshold}
+        return {"images": len(self.names), "anomalous": n_bad, "normal": len(self.names) - n_bad,
+                "skipped": len(self.source.skipped), "k": self.k, "fpr": self.fpr, "threshold": self.threshold}
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per image: id, score, p_value, anomalous, neighbours [{id, sq_dist}] (nearest first)."""
@@ -227,17 +238,21 @@ def format_report(report: ScoreReport, limit: int | None = None) -> str:
         lines.append(f"{row['score']:.6g}  p={row['p_value']:.3f}  {flag:<9}  {_display(row['id'])}  "
                      f"(nearest normal: {_display(nearest['id'])}, d²={nearest['sq_dist']:.4g})")
     s = report.summary()
-    lines.append(f"{s['images']} images: {s['anomalous']} anomalous, {s['normal']} normal (threshold "
+    skipped = f", {s['skipped']} undecodable files skipped" if s["skipped"] else ""
+    lines.append(f"{s['images']} images: {s['anomalous']} anomalous, {s['normal']} normal{skipped} (threshold "
                  f"{s['threshold']:.6g} at target FPR {s['fpr']}, k={s['k']})")
     return "\n".join(lines)
 
 
 def write_report(report: ScoreReport, path: str | os.PathLike, detector: str | None = None) -> Path:
-    """Writes the report as JSON ({"detector", "summary", "scores": rows}) or CSV (one row per image:
-    id, score, p_value, anomalous, neighbour_1, sq_dist_1, ...), by the suffix of `path`; atomically."""
+    """Writes the report as JSON ({"detector", "summary", "scores": rows, "skipped": [{path, reason}]}) or CSV
+    (one row per image: id, score, p_value, anomalous, neighbour_1, sq_dist_1, ...; skipped files are not
+    rows), by the suffix of `path`; atomically."""
     path = check_new_output(path, "--out", suffixes=REPORT_FORMATS)
     if path.suffix.lower() == ".json":
-        text = json.dumps({"detector": detector, "summary": report.summary(), "scores": report.rows()}, indent=1)
+        skipped = [{"path": p, "reason": r} for p, r in report.source.skipped]
+        text = json.dumps({"detector": detector, "summary": report.summary(), "scores": report.rows(),
+                           "skipped": skipped}, indent=1)
     else:
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -247,7 +262,8 @@ def write_report(report: ScoreReport, path: str | os.PathLike, detector: str | N
             w.writerow([row["id"], repr(row["score"]), repr(row["p_value"]), int(row["anomalous"])]
                        + [v for n in row["neighbours"] for v in (n["id"], repr(n["sq_dist"]))])
         text = buf.getvalue()
-    return _write(path, lambda tmp: tmp.write_text(text))
+    make_parents(path)
+    return atomic_write_text(path, text)
 
 
 def gallery(report: ScoreReport, path: str | os.PathLike, *, top: int = 8, data_dir: str | None = None) -> Path:
@@ -262,6 +278,8 @@ def gallery(report: ScoreReport, path: str | os.PathLike, *, top: int = 8, data_
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from dn2_jax.evaluation.report import save_figure
 
     rows = report.rows()
     order = np.argsort(-report.query.scores, kind="stable")[:top]
@@ -289,9 +307,8 @@ def gallery(report: ScoreReport, path: str | os.PathLike, *, top: int = 8, data_
     for c in range(1, cols):
         axes[-1, c].set_xlabel(f"nearest normal #{c}", fontsize=7)
     fig.suptitle("most anomalous images (left) and their nearest normal images", fontsize=8)
-    _write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
-    return path
+    make_parents(path)
+    return save_figure(fig, path)
 
 
 def _display(name: Any) -> str:
@@ -304,15 +321,3 @@ def _display(name: Any) -> str:
 
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
-
-
-def _write(path: Path, write) -> Path:
-    """Atomic write: `write(tmp_path)` then rename over `path` (the one place this module writes files)."""
-    path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

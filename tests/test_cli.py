@@ -118,23 +118,31 @@ def test_eval_on_a_folder_equals_fit_and_score_on_it(capsys, tmp_path, normalize
 @pytest.mark.slow
 def test_unsupervised_and_group_modes_give_the_measured_values(capsys, tmp_path):
     # Reference values: the same runs before the evaluation was routed through the Detector (raw pixels).
+    # The paper's cleaning and the mean pool keep those values beside the chosen rule's / pool's.
     common = ["--classes", "0", "--backbone", "pixels", "--no-cache"]
     code, _, err = run(capsys, "eval", "--mode", "unsupervised", "--contamination", "0.1", "--bank-size", "40",
-                       "--test-size", "100", *common, "--out", tmp_path / "u")
+                       "--test-size", "100", "--clean", "fixed", "--clean-k", "10", "--clean-fraction", "0.35",
+                       "--clean-rounds", "2", *common, "--out", tmp_path / "u")
     assert code == 0, err
     res = json.loads((tmp_path / "u" / "results.json").read_text())
-    assert res["mode"] == "unsupervised"
-    assert res["per_class"]["T-shirt/top"] == pytest.approx(0.913333, abs=1e-5)
+    assert res["mode"] == "unsupervised" and res["settings"]["clean"] == "fixed"
+    assert res["extra"]["auc_paper_cleaning"]["mean"] == pytest.approx(0.913333, abs=1e-5)
     assert res["extra"]["auc_without_cleaning"]["mean"] == pytest.approx(0.893333, abs=1e-5)
     assert res["extra"]["contaminants"]["mean"] == 4
-    assert res["extra"]["contaminants_after_cleaning"]["mean"] == 0  # cleaning dropped every contaminant
+    assert res["extra"]["contaminants_after_paper_cleaning"]["mean"] == 0  # the paper's rule dropped all four
+    assert res["per_class"]["T-shirt/top"] == pytest.approx(0.912222, abs=1e-5)  # fixed, leave-one-out k 10
+    assert res["extra"]["contaminants_after_cleaning"]["mean"] == 1
+    assert res["extra"]["bank_after_cleaning"]["mean"] == 26  # 40 - floor(0.35 * 40) over two rounds
+    assert res["extra"]["contamination"]["mean"] == pytest.approx(0.1)
+    assert 0 <= res["extra"]["contamination_estimated"]["mean"] < 1
     code, stdout, err = run(capsys, "eval", "--mode", "group", "--group-size", "3", "--train-groups", "30",
-                            "--test-groups", "20", *common, "--out", tmp_path / "g")
+                            "--test-groups", "20", "--group-pool", "hist", *common, "--out", tmp_path / "g")
     assert code == 0, err
     res = json.loads((tmp_path / "g" / "results.json").read_text())
-    assert list(res["per_class"]) == ["T-shirt/top+Trouser+Pullover"]
-    assert res["per_class"]["T-shirt/top+Trouser+Pullover"] == pytest.approx(0.69, abs=1e-5)
+    assert list(res["per_class"]) == ["T-shirt/top+Trouser+Pullover"] and res["settings"]["group_pool"] == "hist"
+    assert res["extra"]["auc_mean_pool"]["mean"] == pytest.approx(0.69, abs=1e-5)
     assert res["extra"]["auc_pointwise"]["mean"] == pytest.approx(0.42, abs=1e-5)
+    assert res["per_class"]["T-shirt/top+Trouser+Pullover"] == pytest.approx(0.78, abs=1e-5)  # hist, 8 prototypes
     # truthful messages: no "quick subsample" claim, the number of images actually embedded
     assert "quick run" not in stdout
     n_train = len(np.unique(np.ravel(_group_train_sets())))
@@ -272,6 +280,25 @@ def test_eval_on_a_small_folder_of_mixed_sizes_adapts_the_quick_subsample_and_re
         (["eval", "--mode", "semi", "--group-size", "4"], "--group-size applies to --mode group"),
         (["eval", "--backbone", "pixels", "--input-size", "32"], "input_size"),
         (["eval", "--no-cache", "--cache-dir", "x"], "--no-cache and --cache-dir"),
+        (["eval", "--mode", "unsupervised", "--clean", "magic"], "invalid choice: 'magic'"),
+        (["eval", "--mode", "unsupervised", "--clean-fraction", "0"], "for no cleaning use clean='none'"),
+        (["eval", "--mode", "unsupervised", "--clean-fraction", "1.5"], "clean_fraction must be a number in (0, 1)"),
+        (["eval", "--mode", "unsupervised", "--clean-rounds", "0"], "clean_rounds must be None or a positive int"),
+        (["eval", "--mode", "unsupervised", "--clean", "paper", "--clean-k", "3"], "do not apply to cleaning rule"),
+        (["eval", "--mode", "unsupervised", "--clean", "none", "--clean-rounds", "2"], "do not apply to cleaning"),
+        (["eval", "--mode", "unsupervised", "--classes", "0", "--bank-size", "30"], "leave-one-out k=40; class"),
+        (["eval", "--mode", "unsupervised", "--classes", "0", "--bank-size", "30", "--clean-k", "5",
+          "--clean-fraction", "0.95"], "after the 'fixed' cleaning"),
+        (["eval", "--mode", "unsupervised", "--classes", "0", "--bank-size", "15", "--clean", "adaptive",
+          "--clean-k", "3"], "needs a bank of at least 20 images; class 'T-shirt/top' has 15"),
+        (["eval", "--clean", "paper"], "--clean applies to --mode unsupervised, not --mode semi"),
+        (["eval", "--mode", "group", "--clean-k", "3"], "--clean-k applies to --mode unsupervised"),
+        (["eval", "--mode", "group", "--group-pool", "median"], "invalid choice: 'median'"),
+        (["eval", "--mode", "group", "--group-pool", "mean", "--prototypes", "4"], "--prototypes applies to a"),
+        (["eval", "--mode", "group", "--prototypes", "0"], "prototypes must be >= 1"),
+        (["eval", "--mode", "unsupervised", "--prototypes", "4"], "--prototypes applies to --mode group"),
+        (["eval", "--mode", "group", "--classes", "0", "--train-groups", "3", "--prototypes", "50"],
+         "prototypes=50 is more than the 9 normal train images"),
     ],
 )
 def test_eval_mistakes_exit_with_one_line_and_no_results(capsys, tmp_path, argv, match):
@@ -307,6 +334,13 @@ def pixel_detector(tmp_path_factory, inspection_folder):
         (["fit", "--images", "{test}", "--backbone", "pixels", "--clean", "paper", "--clean-fraction", "1.5",
           "--out", "{tmp}/d"], "clean_fraction must be a number in (0, 1)"),
         (["fit", "--images", "{test}", "--backbone", "pixels", "--k", "12", "--out", "{tmp}/d"], "k=12"),
+        (["fit", "--images", "{test}", "--backbone", "pixels", "--clean-k", "3", "--out", "{tmp}/d"],
+         "clean_k only apply with a cleaning rule"),
+        (["fit", "--images", "{test}", "--backbone", "pixels", "--clean", "fixed", "--out", "{tmp}/d"],
+         "clean_k=40 (leave-one-out neighbours of 'fixed' cleaning) must be smaller than the bank, which has 12"),
+        (["fit", "--images", "{test}", "--backbone", "pixels", "--clean", "adaptive", "--clean-k", "3",
+          "--out", "{tmp}/d"], "at least 20 rows"),
+        (["score", "{det}", "--queries", "{det}/bank", "--skip-bad-images"], "--skip-bad-images only applies"),
     ],
 )
 def test_fit_and_score_mistakes_exit_with_one_line_and_nothing_written(capsys, tmp_path, pixel_detector,
@@ -325,3 +359,51 @@ def test_output_dir_that_is_a_file_is_refused_before_work(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--out", target, "--no-cache")
     assert code == 2 and "is not a directory" in err
     assert target.read_text() == "not a directory"
+
+
+def test_skip_bad_images_leaves_out_a_corrupt_file_and_reports_it(capsys, tmp_path, inspection_folder):
+    """Default: stop naming the file. --skip-bad-images: go on without it, listing it on stderr and in the output."""
+    import shutil
+
+    root = tmp_path / "widget"
+    shutil.copytree(inspection_folder, root)
+    bad = root / "test" / "blotch" / "zz_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    test, det, scores = root / "test", tmp_path / "det", tmp_path / "s.json"
+    code, _, err = run(capsys, "fit", "--images", root / "train" / "good", "--backbone", "pixels", "--out", det)
+    assert code == 0, err
+    for argv in (["score", det, "--images", test, "--out", scores],
+                 ["eval", "--dataset", f"mvtec:{root}", "--backbone", "pixels", "--no-cache", "--out", tmp_path / "r"],
+                 ["embed", "--dataset", f"mvtec:{root}", "--split", "test", "--backbone", "pixels",
+                  "--out", tmp_path / "st"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("dn2: error:") and str(bad.name) in err, err
+        assert not scores.exists() and not (tmp_path / "r").exists() and not (tmp_path / "st").exists()
+    code, out, err = run(capsys, "score", det, "--images", test, "--out", scores, "--skip-bad-images")
+    assert code == 0, err
+    assert "dn2 score: skipped 1 image file that could not be decoded:" in err
+    assert f"  cannot decode image {bad}: " in err
+    report = json.loads(scores.read_text())
+    assert [s["path"] for s in report["skipped"]] == [str(bad)] and report["summary"]["skipped"] == 1
+    assert len(report["scores"]) == 12 and _rows_auc(report["scores"]) == 1.0
+    assert "1 undecodable files skipped" in out
+    code, _, err = run(capsys, "eval", "--dataset", f"mvtec:{root}", "--backbone", "pixels", "--no-cache",
+                       "--skip-bad-images", "--out", tmp_path / "r")
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [(s["split"], s["path"]) for s in res["skipped_images"]] == [("test", str(bad.resolve()))]
+    assert res["settings"]["n_test"] == {"widget": 12} and res["per_class"]["widget"] == 1.0
+    assert "dn2 eval: skipped 1 image file" in err
+    code, _, err = run(capsys, "embed", "--dataset", f"mvtec:{root}", "--split", "test", "--backbone", "pixels",
+                       "--skip-bad-images", "--out", tmp_path / "st")
+    assert code == 0, err
+    assert "dn2 embed: skipped 1 image file" in err and str(bad.resolve()) in err
+    from dn2_jax import store
+
+    st = store.open_store(tmp_path / "st")
+    assert st.count == 12 and [s["path"] for s in st.metadata["skipped"]] == [str(bad.resolve())]
+    (train_bad := root / "train" / "good" / "zz_broken.png").write_bytes(b"GIF89a broken")
+    code, out, err = run(capsys, "fit", "--images", root / "train" / "good", "--backbone", "pixels",
+                         "--skip-bad-images", "--out", tmp_path / "det2")
+    assert code == 0, err
+    assert "12 normal images" in out and f"  cannot decode image {train_bad}: " in err

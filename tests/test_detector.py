@@ -155,6 +155,40 @@ def test_add_equals_fit_on_the_union():
         raw_detector().fit_features(a, paths=paths[:50]).add(b)
 
 
+@pytest.mark.parametrize("rule, options", [
+    ("paper", {}), ("fixed", {"clean_k": 5}), ("fixed", {"clean_k": 4, "clean_fraction": 0.3, "clean_rounds": 3}),
+    ("adaptive", {"clean_k": 5}),
+])
+def test_cleaning_rules_keep_what_clean_bank_keeps_and_estimate_the_contamination(rule, options):
+    from dn2_jax import cleaning
+
+    bank = np.concatenate([gaussian(90, seed=0), 10 * gaussian(10, seed=1)])  # 10% scattered far away
+    det = raw_detector(k=2, clean=rule, **options).fit_features(bank)
+    want = cleaning.clean_bank(bank, rule, loo_k=options.get("clean_k"), fraction=options.get("clean_fraction"),
+                               rounds=options.get("clean_rounds"))
+    np.testing.assert_array_equal(det.bank_ids, want.keep)
+    np.testing.assert_array_equal(det.bank, bank[want.keep])
+    loo_k = cleaning.resolve_rule(rule, loo_k=options.get("clean_k")).loo_k
+    first_round = cleaning.estimate_contamination(np.asarray(dn2.self_knn_score(bank, loo_k)))
+    assert det.contamination == (want.contamination if rule == "adaptive" else first_round)
+    assert det.contamination == pytest.approx(0.1, abs=0.02)
+    assert np.all(det.bank_ids < 90)  # every rule dropped the ten
+    assert raw_detector().fit_features(bank).contamination is None  # no cleaning, no estimate
+
+
+def test_cleaning_options_are_checked_naming_them():
+    with pytest.raises(DN2Error, match="clean_fraction only apply with a cleaning rule"):
+        DetectorConfig(clean_fraction=0.2)
+    with pytest.raises(DN2Error, match="clean_rounds must be None or a positive int"):
+        DetectorConfig(clean="fixed", clean_rounds=0)
+    with pytest.raises(DN2Error, match=r"clean_k=30 .* must be smaller than the bank, which has 30 images"):
+        raw_detector(clean="fixed", clean_k=30).fit_features(gaussian(30))
+    with pytest.raises(DN2Error, match="at least 20 rows"):
+        raw_detector(clean="adaptive", clean_k=3).fit_features(gaussian(15))
+    with pytest.raises(DN2Error, match="k=2 needs at least 3 bank images after cleaning"):
+        raw_detector(clean="fixed", clean_k=2, clean_fraction=0.9).fit_features(gaussian(20))
+
+
 def test_cleaning_keeps_what_knn_clean_keeps():
     bank = np.concatenate([gaussian(40, seed=0), 10 * gaussian(10, seed=1)])  # 10 scattered outliers
     det = raw_detector(k=2, clean="paper", clean_fraction=0.2, clean_k=3).fit_features(bank)
@@ -187,6 +221,28 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(back.add(extra, paths=list("abcde")).score(q),
                                   det.add(extra, paths=list("abcde")).score(q))
     assert sorted(os.listdir(tmp_path)) == ["det"]  # no temporaries left
+
+
+@pytest.mark.slow
+def test_save_load_keeps_the_contamination_estimate_and_reads_format_1(tmp_path):
+    bank = gaussian(40, seed=3)
+    det = raw_detector(clean="fixed", clean_k=5).fit_features(bank)
+    assert det.contamination is not None
+    back = Detector.load(det.save(tmp_path / "det"))
+    assert back.contamination == det.contamination and back.config == det.config
+    # A detector saved by format 1 (clean_fraction 0.5 even without cleaning; paper's clean_k None meant k).
+    for clean, want in (("none", dict(clean_fraction=None, clean_k=None)), ("paper", dict(clean_k=3))):
+        saved = raw_detector(k=3).fit_features(bank).save(tmp_path / clean)
+        manifest = json.loads((saved / "detector.json").read_text())
+        manifest["format_version"] = 1
+        del manifest["contamination"], manifest["config"]["clean_rounds"]
+        manifest["config"].update(clean=clean, clean_fraction=0.5, clean_k=None)
+        (saved / "detector.json").write_text(json.dumps(manifest))
+        old = Detector.load(saved)
+        assert old.contamination is None and old.config.clean == clean
+        assert {name: getattr(old.config, name) for name in want} == want
+        np.testing.assert_array_equal(old.score_features(bank[:5]), raw_detector(k=3).fit_features(bank)
+                                      .score_features(bank[:5]))
 
 
 def test_load_overrides_k_recomputes_calibration_and_refuses_feature_settings(tmp_path):

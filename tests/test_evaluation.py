@@ -94,3 +94,91 @@ def test_cached_features_of_mixed_sizes_come_back_in_request_order(tmp_path):
     subset = np.array([2, 5, 11])
     np.testing.assert_array_equal(extract(ds, subset), want[subset])  # served from the cached store
     assert len(extract.detector.batches) == n_batches
+
+
+def _pixels(ds, idx):
+    x = ds.images[np.asarray(idx)].reshape(*np.shape(idx), -1).astype(np.float32) / 255.0
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _faiss_scores(bank, queries, k):
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(np.ascontiguousarray(bank, np.float32))
+    return index.search(np.ascontiguousarray(queries, np.float32), k)[0].mean(1)
+
+
+@pytest.mark.slow
+def test_unsupervised_reports_chosen_paper_and_no_cleaning_against_faiss_and_sklearn():
+    import dn2_jax as dn2
+    from dn2_jax import cleaning
+
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    cfg = EvalConfig(backbone="pixels", mode="unsupervised", classes=(3,), bank_size=60, test_size=200, k=2,
+                     contamination=0.2, clean="fixed", clean_k=8, clean_rounds=2)
+    res, (r,) = evaluate(cfg, printer=None)
+    b = protocols.contaminated_bank(train.labels, 3, 0.2, bank_size=60, n_classes=10, seed=0)
+    t = protocols.one_class(train.labels, test.labels, 3, test_size=200, bank_size=1, n_classes=10, seed=0)
+    bank, queries = _pixels(train, b.bank), _pixels(test, t.test)
+    kept = {"none": np.arange(60), "paper": np.asarray(dn2.clean(bank, 2, 0.5)),
+            "fixed": cleaning.clean_bank(bank, "fixed", loo_k=8, rounds=2).keep}
+    auc = {rule: roc_auc_score(t.test_anomaly, _faiss_scores(bank[rows], queries, 2)) for rule, rows in kept.items()}
+    assert r.auc == pytest.approx(auc["fixed"], abs=1e-6)
+    assert res["extra"]["auc_paper_cleaning"]["mean"] == pytest.approx(auc["paper"], abs=1e-6)
+    assert res["extra"]["auc_without_cleaning"]["mean"] == pytest.approx(auc["none"], abs=1e-6)
+    assert res["extra"]["contaminants"]["mean"] == 12
+    assert res["extra"]["contaminants_after_paper_cleaning"]["mean"] == b.contaminant[kept["paper"]].sum()
+    assert res["extra"]["contaminants_after_cleaning"]["mean"] == b.contaminant[kept["fixed"]].sum()
+    assert res["extra"]["bank_after_cleaning"]["mean"] == len(kept["fixed"]) == 60 - 21
+    first = np.asarray(dn2.self_knn_score(bank, 8))
+    assert res["extra"]["contamination_estimated"]["mean"] == pytest.approx(cleaning.estimate_contamination(first))
+    assert res["extra"]["contamination"]["mean"] == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_group_pool_is_fitted_on_normal_train_images_and_reported_beside_mean_and_pointwise():
+    from dn2_jax.pooling import fit_set_pool
+
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    cfg = EvalConfig(backbone="pixels", mode="group", classes=(2,), group_size=3, train_groups=40, test_groups=30,
+                     group_pool="mean+hist", prototypes=6, k=3, seed=1)
+    res, (r,) = evaluate(cfg, printer=None)
+    train_sets, groups = protocols.train_test_groups(train.labels, test.labels, [2, 3, 4], 40, 15, 15, seed=3)
+    images = np.unique(train_sets)  # the normal train images, the only ones the pool sees
+    tr, te = _pixels(train, images), _pixels(test, groups.sets)  # (n, D), (G, M, D)
+    tr_sets = np.searchsorted(images, train_sets)
+    want = {}
+    for name in ("mean+hist", "mean"):
+        pool = fit_set_pool(tr, name, prototypes=6, seed=1)
+        flat_te = te.reshape(-1, te.shape[-1])
+        te_sets = np.arange(len(flat_te)).reshape(groups.sets.shape)
+        scores = _faiss_scores(np.asarray(pool(tr, tr_sets)), np.asarray(pool(flat_te, te_sets)), 3)
+        want[name] = roc_auc_score(groups.anomaly, scores)
+    pointwise = _faiss_scores(tr, te.reshape(-1, te.shape[-1]), 3).reshape(groups.sets.shape).mean(1)
+    assert r.auc == pytest.approx(want["mean+hist"], abs=1e-6)
+    assert res["extra"]["auc_mean_pool"]["mean"] == pytest.approx(want["mean"], abs=1e-6)
+    assert res["extra"]["auc_pointwise"]["mean"] == pytest.approx(roc_auc_score(groups.anomaly, pointwise), abs=1e-6)
+    assert want["mean+hist"] > want["mean"] + 0.02  # the two pools are told apart (0.72 vs 0.68)
+
+
+def test_cached_features_of_a_folder_follow_its_files(tmp_path):
+    """A store's ids index the folder's files: a file added later (shifting the indices) or a file skipped as
+    undecodable must not be served the features cached for another file."""
+    from PIL import Image
+
+    from dn2_jax.data import clear_cache
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    for i, value in enumerate((10, 100, 200)):
+        Image.fromarray(np.full((6, 6, 3), value, np.uint8)).save(root / "a" / f"{i}.png")
+    extract = FeatureExtractor(_FakeDetector(), cache_dir=tmp_path / "cache")
+    first = extract(load_dataset(f"folder:{root}", "all"), np.arange(3))
+    np.testing.assert_array_equal(first[:, 0], [10, 100, 200])
+    Image.fromarray(np.full((6, 6, 3), 50, np.uint8)).save(root / "a" / "0a.png")  # sorts between 0 and 1
+    clear_cache()
+    ds = load_dataset(f"folder:{root}", "all")
+    np.testing.assert_array_equal(extract(ds, np.arange(4))[:, 0], [10, 50, 100, 200])
+    (root / "a" / "1.png").write_bytes(b"broken")
+    clear_cache()
+    ds = load_dataset(f"folder:{root}", "all", on_error="skip")
+    np.testing.assert_array_equal(extract(ds, np.arange(3))[:, 0], [10, 50, 200])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from dn2_jax.cleaning import CLEAN_RULES, DEFAULT_CLEAN
 from dn2_jax.errors import DN2Error
+from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS
 
 MODES = ("semi", "unsupervised", "group")
 PIXELS = "pixels"  # raw-pixel baseline: the image itself, flattened, in [0, 1], through the same kNN path.
@@ -40,8 +42,21 @@ class EvalConfig:
                          f"{QUICK['bank_size']} train images per class and {QUICK['test_size']} test images, each "
                          "capped at what the data has", ("semi", "unsupervised"))
     contamination: float = _field(0.0, "share of other-class images in the bank", ("unsupervised",))
-    clean_fraction: float = _field(0.5, "share of the bank dropped by the cleaning stage (0 = no cleaning)",
-                                   ("unsupervised",))
+    clean: str = _field(DEFAULT_CLEAN, f"cleaning rule of the contaminated bank: {', '.join(CLEAN_RULES)} ('none' = "
+                        "no cleaning, 'paper' = the paper's rule; see dn2 fit --help); results.json also holds the "
+                        "AUC without cleaning and with the paper's rule", ("unsupervised",), choices=CLEAN_RULES)
+    clean_k: int | None = _field(None, "leave-one-out neighbours of the cleaning score, independent of --k "
+                                 "(default: the rule's)", ("unsupervised",))
+    clean_fraction: float | None = _field(None, "share of the bank the cleaning drops in all (adaptive: at most), "
+                                          "in (0, 1) (default: the rule's; no cleaning is --clean none)",
+                                          ("unsupervised",))
+    clean_rounds: int | None = _field(None, "rounds of cleaning (default: the rule's)", ("unsupervised",))
+    group_pool: str = _field(DEFAULT_POOL, f"orderless pooling of a set's image features: {', '.join(SET_POOLS)} "
+                             "('mean' = the paper's; hist = soft histogram over k-means prototypes of the normal "
+                             "train images); results.json also holds the mean pool's and the pointwise AUC",
+                             ("group",), choices=SET_POOLS)
+    prototypes: int = _field(8, "k-means prototypes of the 'hist' pool (fitted on the normal train images only)",
+                             ("group",))
     group_size: int = _field(3, "images per set (M)", ("group",))
     train_groups: int = _field(200, "normal train sets (the bank)", ("group",))
     test_groups: int = _field(200, "test sets, half normal, half anomalous", ("group",))
@@ -51,12 +66,24 @@ class EvalConfig:
     normalize: bool = _field(True, "L2-normalise features before kNN (better on Fashion-MNIST/MNIST; see README)")
     seed: int = _field(0, "seed of the subsamples and sets")
     data_dir: str | None = _field(None, "where local dataset files or a prepared tfds data_dir live")
+    skip_bad_images: bool = _field(False, "leave out image files that cannot be decoded (listed on stderr and in "
+                                   "results.json) instead of stopping at the first one")
     cache_dir: str | None = _field(None, "embedding stores reused across runs (None: no caching)")
     adapt: str | None = _field(None, "adapt the backbone to each normal class before DN2: panda or msc "
                                "(dn2_jax.adapt; slow on CPU)", ("semi",), choices=("panda", "msc"))
     adapt_epochs: int = _field(10, "adaptation epochs over the class's bank images", ("semi",))
     adapt_lr: float | None = _field(None, "adaptation learning rate (default: 1e-2 PANDA, 1e-5 MSC)", ("semi",))
     adapt_batch_size: int = _field(32, "images per adaptation step", ("semi",))
+
+    def clean_config(self, rule: str | None = None) -> dict:
+        """The detector settings of cleaning rule `rule` (default: this run's) with this run's options."""
+        rule = self.clean if rule is None else rule
+        if rule == "none":
+            return {"clean": "none"}
+        if rule == "paper":
+            return {"clean": "paper"}  # the paper's exact rule: none of this run's options
+        return {"clean": rule, "clean_k": self.clean_k, "clean_fraction": self.clean_fraction,
+                "clean_rounds": self.clean_rounds}
 
     def detector_config(self, **changes):
         """The `DetectorConfig` of this run's features and kNN (what `dn2 fit` would deploy), with `changes`."""
@@ -92,8 +119,14 @@ def validate_config(cfg: EvalConfig) -> None:
             raise DN2Error(f"{name} must be >= 1, got {value}")
     if not 0.0 <= cfg.contamination < 1.0:
         raise DN2Error(f"contamination must be in [0, 1), got {cfg.contamination}")
-    if cfg.mode == "unsupervised" and not 0.0 <= cfg.clean_fraction < 1.0:
-        raise DN2Error(f"clean_fraction must be in [0, 1) (0 = no cleaning), got {cfg.clean_fraction}")
+    if cfg.mode == "unsupervised":
+        _validate_cleaning(cfg)
+    if cfg.mode == "group":
+        if "hist" in cfg.group_pool.split("+"):
+            if int(cfg.prototypes) < 1:
+                raise DN2Error(f"prototypes must be >= 1, got {cfg.prototypes}")
+        elif cfg.prototypes != EvalConfig.prototypes:
+            raise DN2Error(f"prototypes only apply to a pool with 'hist', not group_pool={cfg.group_pool!r}")
     if cfg.mode == "group" and cfg.group_size < 2:
         raise DN2Error(f"group_size must be >= 2, got {cfg.group_size}")
     if cfg.adapt is not None:
@@ -104,3 +137,13 @@ def validate_config(cfg: EvalConfig) -> None:
         adapt_config(cfg)  # epochs, learning rate, batch size checked before any work
     if cfg.dataset.startswith("mvtec:") and cfg.mode != "semi":
         raise DN2Error(f"mode '{cfg.mode}' is not defined for MVTec-style folders; use --mode semi")
+
+
+def _validate_cleaning(cfg: EvalConfig) -> None:
+    if cfg.clean_fraction is not None and cfg.clean_fraction == 0:
+        raise DN2Error("clean_fraction must be in (0, 1), got 0; for no cleaning use clean='none' (--clean none)")
+    options = [n for n in ("clean_k", "clean_fraction", "clean_rounds") if getattr(cfg, n) is not None]
+    if cfg.clean in ("none", "paper") and options:
+        raise DN2Error(f"{', '.join(options)} do not apply to cleaning rule {cfg.clean!r} ('paper' is the paper's "
+                       "exact rule); use --clean fixed or adaptive")
+    cfg.detector_config(**cfg.clean_config())  # the detector's checks (rule name, ranges), naming the field

@@ -53,8 +53,13 @@ class FeatureExtractor:
         return self.detector.embed(images, raw=True)
 
     def metadata(self, ds: Dataset, **extra) -> dict[str, Any]:
-        """Store metadata for features of `ds` made by this extractor."""
-        return {**self.identity, "dataset": ds.name, "split": ds.split, "compute_dtype": self.dtype, **extra}
+        """Store metadata for features of `ds` made by this extractor. For datasets of image files it holds a
+        fingerprint of the files (paths, sizes, modification times): a store's ids are indices into them, so a
+        file added, removed, changed or skipped (undecodable) gives another cache entry."""
+        meta = {**self.identity, "dataset": ds.name, "split": ds.split, "compute_dtype": self.dtype}
+        if ds.paths is not None:
+            meta["files"] = _files_fingerprint(ds.paths)
+        return {**meta, **extra}
 
     def to_store(self, path: str | os.PathLike, ds: Dataset, indices: np.ndarray, *, chunk_size: int = 4096,
                  metadata: Mapping[str, Any] | None = None):
@@ -103,6 +108,15 @@ class FeatureExtractor:
         return st.embeddings()[_positions(st.ids, indices)]
 
 
+def _files_fingerprint(paths: list[str]) -> str:
+    """sha256 (hex, 16 digits) of each file's path, size and modification time, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _shape_groups(images: Images) -> list[np.ndarray]:
     """Index arrays of same-shaped images, in order of first appearance."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -140,18 +154,21 @@ def _take(images: Images, indices: np.ndarray) -> Images:
 
 
 def embed_split(path: str | os.PathLike, config, dataset: str, split: str, *, data_dir: str | None = None,
-                class_: int | None = None, chunk_size: int = 4096):
+                class_: int | None = None, chunk_size: int = 4096, on_error: str = "raise"):
     """Embeds a dataset split (only class `class_` if given) into a resumable store at `path` with the
-    features of a detector with `config` (a `DetectorConfig`); returns the store (what `dn2 embed` does)."""
+    features of a detector with `config` (a `DetectorConfig`); returns the store (what `dn2 embed` does).
+    on_error: "raise" (stop at the first undecodable image file, naming it) or "skip" (leave such files out,
+    see `dn2_jax.data.load_dataset`; the store's metadata lists them under "skipped")."""
     from dn2_jax.data import load_dataset
     from dn2_jax.detector import Detector
 
-    ds = load_dataset(dataset, split, data_dir)
+    ds = load_dataset(dataset, split, data_dir, on_error=on_error)
     idx = np.arange(len(ds))
     if class_ is not None:
         if not 0 <= class_ < len(ds.class_names):
             raise DN2Error(f"--class {class_} does not exist: {dataset} has classes 0..{len(ds.class_names) - 1}")
         idx = np.flatnonzero(ds.labels == class_)
     extract = FeatureExtractor(Detector(config))
-    meta = extract.metadata(ds, **{"class": class_, "input_size": config.input_size})
+    meta = extract.metadata(ds, **{"class": class_, "input_size": config.input_size},
+                            skipped=[{"path": path, "reason": reason} for path, reason in ds.skipped])
     return extract.to_store(path, ds, idx, chunk_size=chunk_size, metadata=meta)

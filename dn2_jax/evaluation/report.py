@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from dn2_jax.errors import DN2Error
-from dn2_jax.fileio import check_writable
+from dn2_jax.fileio import atomic_write_bytes, atomic_write_json, check_writable
 
 
 @dataclasses.dataclass
@@ -67,20 +67,21 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, per_class: list[Cla
     out_dir = check_output_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [_plot_roc(out_dir / "roc.png", per_class), _plot_hist(out_dir / "scores.png", per_class)]
-    text = json.dumps(results, indent=2, default=_jsonable) + "\n"
-    _write(out_dir / "results.json", lambda tmp: tmp.write_text(text))
+    atomic_write_json(out_dir / "results.json", results, indent=2, sort_keys=False, default=_jsonable)
     return [out_dir / "results.json", *written]
 
 
-def _write(path: Path, write) -> Path:
-    """Atomic write: `write(tmp_path)` then rename over `path` (the one place this module writes files)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> Path:
+    """Saves a matplotlib figure as PNG to `path` atomically (rendered in memory, then
+    `dn2_jax.fileio.atomic_write_bytes`) and closes it. Returns the absolute path."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", **{"dpi": 110, **savefig_kw})
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _jsonable(x):
@@ -111,9 +112,7 @@ def _plot_roc(path: Path, per_class: list[ClassResult]) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="DN2 ROC per normal class (AUC %)")
     ax.legend(fontsize=7, loc="lower right")
-    _write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_hist(path: Path, per_class: list[ClassResult]) -> Path:
@@ -132,6 +131,4 @@ def _plot_hist(path: Path, per_class: list[ClassResult]) -> Path:
         ax.axis("off")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("DN2 score (mean squared kNN distance): normal vs anomalous", fontsize=9)
-    _write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -3,10 +3,13 @@
 Modes (``EvalConfig.mode``):
   semi          one-class / unimodal: class c is normal, its train images are the bank, every test image is
                 scored, other classes are anomalies (MVTec-style folders: train/good vs test/*).
-  unsupervised  the bank of class c is contaminated with a share r of other classes; the cleaning stage drops
-                ``clean_fraction`` of it by leave-one-out kNN score before scoring. Reports both.
-  group         sets of M images (paper 3.3): group DN2 on mean-pooled set features vs the pointwise
-                baseline (mean of per-image DN2 scores over the set).
+  unsupervised  the bank of class c is contaminated with a share r of other classes; a cleaning rule
+                (``EvalConfig.clean``, `dn2_jax.cleaning`) drops the rows with the largest leave-one-out score
+                before scoring. Reports the chosen rule's AUC, and in ``extra`` the AUC without cleaning and with
+                the paper's rule, the contaminants left by each, and the estimated vs true contamination.
+  group         sets of M images (paper 3.3): group DN2 on orderless pooled set features
+                (``EvalConfig.group_pool``, `dn2_jax.pooling`, fitted on the normal train images only) vs the
+                paper's mean pool and the pointwise baseline (mean of per-image DN2 scores over the set).
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from dn2_jax import protocols
+from dn2_jax.cleaning import MIN_ESTIMATE_ROWS, resolve_rule
 from dn2_jax.data import Dataset, load_dataset
 from dn2_jax.errors import DN2Error
 from dn2_jax.evaluation.config import PIXELS, QUICK, EvalConfig, validate_config
 from dn2_jax.evaluation.features import FeatureExtractor
 from dn2_jax.evaluation.report import ClassResult, results_dict
-from dn2_jax.knn import l2_normalize, pool_groups
+from dn2_jax.knn import l2_normalize
 from dn2_jax.metrics import roc_auc
+from dn2_jax.pooling import fit_set_pool
 
 
 class _Log:
@@ -143,26 +148,45 @@ def _run_unsupervised(cfg, train, test, classes, extract, log) -> Iterator[Class
                                n_classes=n_classes, seed=cfg.seed)
         for c in classes
     }
+    rules = {"none": {"clean": "none"}, "paper": cfg.clean_config("paper"), "chosen": cfg.clean_config()}
     for c, b in banks.items():
-        n = len(b.bank)
-        kept = n - int(np.floor(cfg.clean_fraction * n))
-        _check_k_fits(cfg.k, kept, f"left of class '{train.class_names[c]}' after cleaning")
-        if cfg.clean_fraction > 0 and cfg.k > n - 1:
-            raise DN2Error(f"k={cfg.k} needs a bank of at least {cfg.k + 1} images for cleaning, got {n}")
+        n, name = len(b.bank), train.class_names[c]
+        _check_k_fits(cfg.k, n, f"of class '{name}'")
+        for settings in (rules["paper"], rules["chosen"]):
+            _check_cleaning_fits(cfg.k, n, settings, name)
     train_of = _embedder(extract, log, train, [b.bank for b in banks.values()])
     test_of = _embedder(extract, log, test, [t.test for t in tests.values()])
     for c in classes:
         b, t = banks[c], tests[c]
         bank, queries = train_of(b.bank), test_of(t.test)
-        raw = _score(cfg, bank, queries)
-        extra = {"auc_without_cleaning": _auc(raw, t.test_anomaly), "contaminants": int(b.contaminant.sum())}
-        scores = raw
-        if cfg.clean_fraction > 0:
-            det = _detector(cfg, bank, clean="paper", clean_fraction=cfg.clean_fraction)
-            extra["contaminants_after_cleaning"] = int(b.contaminant[det.bank_ids].sum())
-            scores = np.asarray(det.score_features(queries), np.float64)
-        yield ClassResult(train.class_names[c], _auc(scores, t.test_anomaly), scores, t.test_anomaly, len(b.bank),
-                          extra)
+        dets = {key: _detector(cfg, bank, **settings) for key, settings in rules.items()}
+        aucs = {key: _auc(det.score_features(queries), t.test_anomaly) for key, det in dets.items()}
+        left = {key: int(b.contaminant[det.bank_ids].sum()) for key, det in dets.items()}
+        extra = {"auc_without_cleaning": aucs["none"], "auc_paper_cleaning": aucs["paper"],
+                 "contaminants": left["none"], "contaminants_after_paper_cleaning": left["paper"],
+                 "contaminants_after_cleaning": left["chosen"], "bank_after_cleaning": dets["chosen"].bank_size,
+                 "contamination": float(b.contaminant.mean())}
+        if dets["chosen"].contamination is not None:
+            extra["contamination_estimated"] = dets["chosen"].contamination
+        scores = np.asarray(dets["chosen"].score_features(queries), np.float64)
+        yield ClassResult(train.class_names[c], aucs["chosen"], scores, t.test_anomaly, n, extra)
+
+
+def _check_cleaning_fits(k: int, n: int, settings: dict, name: str) -> None:
+    """Before any embedding: the cleaning rule `settings` (detector settings) can clean a bank of `n` images
+    of class `name` and leave k + 1."""
+    if settings["clean"] == "none":
+        return
+    rule = resolve_rule(settings["clean"], loo_k=settings.get("clean_k"), fraction=settings.get("clean_fraction"),
+                        rounds=settings.get("clean_rounds"))
+    what = "the paper's" if rule.rule == "paper" else f"the {rule.rule!r}"
+    if rule.loo_k >= n:
+        raise DN2Error(f"{what} cleaning needs a bank larger than its leave-one-out k={rule.loo_k}; class '{name}' "
+                       f"has {n} images: raise --bank-size" + (" or lower --clean-k" if rule.rule != "paper" else ""))
+    if rule.rule == "adaptive" and n < MIN_ESTIMATE_ROWS:
+        raise DN2Error(f"the 'adaptive' cleaning estimates the contamination, which needs a bank of at least "
+                       f"{MIN_ESTIMATE_ROWS} images; class '{name}' has {n}: raise --bank-size")
+    _check_k_fits(k, n - int(np.floor(rule.fraction * n)), f"left of class '{name}' after {what} cleaning")
 
 
 def _run_group(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
@@ -178,18 +202,31 @@ def _run_group(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]
             train.labels, test.labels, group_classes, cfg.train_groups, n_norm, cfg.test_groups - n_norm,
             seed=cfg.seed + c,
         ))
+    uses_prototypes = "hist" in cfg.group_pool.split("+")
+    for group_classes, train_sets, _ in configs.values():
+        n_images = len(np.unique(train_sets))
+        if uses_prototypes and cfg.prototypes > n_images:
+            raise DN2Error(f"prototypes={cfg.prototypes} is more than the {n_images} normal train images of the sets "
+                           f"of {'+'.join(train.class_names[g] for g in group_classes)} they are fitted on; lower "
+                           "--prototypes or raise --train-groups")
     train_of = _embedder(extract, log, train, [s for _, s, _ in configs.values()], cfg.normalize)
     test_of = _embedder(extract, log, test, [g.sets for _, _, g in configs.values()], cfg.normalize)
     for group_classes, train_sets, groups in configs.values():
-        tr, te = train_of(train_sets), test_of(groups.sets)  # (G, M, D)
-        # Set features: the mean of the (normalised) image features; scored as they are.
-        scores = _score(cfg, np.asarray(pool_groups(tr)), np.asarray(pool_groups(te)), normalize=False)
+        train_images, test_images = np.unique(train_sets), np.unique(groups.sets)
+        tr, te = train_of(train_images), test_of(test_images)  # (n, D) (normalised) image features
+        tr_sets, te_sets = np.searchsorted(train_images, train_sets), np.searchsorted(test_images, groups.sets)
+        aucs, scores = {}, None
+        for name in dict.fromkeys((cfg.group_pool, "mean")):
+            # The pool is fitted on the normal train images only (the bank's); set features are scored as they are.
+            pool = fit_set_pool(tr, name, prototypes=cfg.prototypes, seed=cfg.seed)
+            pooled = _score(cfg, np.asarray(pool(tr, tr_sets)), np.asarray(pool(te, te_sets)), normalize=False)
+            aucs[name] = _auc(pooled, groups.anomaly)
+            scores = pooled if scores is None else scores
         # Pointwise baseline: each test image against the individual train images, averaged over the set.
-        flat = _score(cfg, train_of(np.unique(train_sets)), te.reshape(-1, te.shape[-1]), normalize=False)
-        flat = flat.reshape(te.shape[:2])
-        extra = {"auc_pointwise": _auc(flat.mean(1), groups.anomaly)}
+        flat = _score(cfg, tr, te, normalize=False)[te_sets]
+        extra = {"auc_mean_pool": aucs["mean"], "auc_pointwise": _auc(flat.mean(1), groups.anomaly)}
         name = "+".join(train.class_names[g] for g in group_classes)
-        yield ClassResult(name, _auc(scores, groups.anomaly), scores, groups.anomaly, len(train_sets), extra)
+        yield ClassResult(name, aucs[cfg.group_pool], scores, groups.anomaly, len(train_sets), extra)
 
 
 def _run_adapted(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
@@ -208,13 +245,17 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
              extractor: FeatureExtractor | None = None) -> tuple[dict, list[ClassResult]]:
     """Runs the protocol; returns (results dict as written to results.json, per-class results).
 
+    With ``cfg.skip_bad_images`` image files that cannot be decoded are left out; the results list them
+    (``skipped_images``: split, path, reason).
+
     `extractor` (optional) replaces the one built from cfg (e.g. with random weights in tests).
     """
     validate_config(cfg)
     log = _Log(printer)
     t_start = time.perf_counter()
-    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    test = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    on_error = "skip" if cfg.skip_bad_images else "raise"
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir, on_error=on_error)
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir, on_error=on_error)
     log.timing("load_s", time.perf_counter() - t_start)
     classes = select_classes(cfg, train)
     if cfg.backbone == PIXELS and not isinstance(train.images, np.ndarray):
@@ -233,5 +274,7 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     log.timing("score_s", time.perf_counter() - t0 - (log.timings.get("embed_s", 0.0) - embed_before))
     log.timing("total_s", time.perf_counter() - t_start)
     out = results_dict(dataclasses.asdict(cfg), results, log.timings)
+    out["skipped_images"] = [{"split": ds.split, "path": path, "reason": reason}
+                             for ds in (train, test) for path, reason in ds.skipped]
     log.print(f"  {'mean':<32} ROC-AUC {100 * out['mean']:6.2f}")
     return out, results
