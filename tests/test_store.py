@@ -388,9 +388,10 @@ def test_relative_store_path_through_the_cli(tmp_path, monkeypatch, capsys):
                           "--out", "banks/bottle", "--chunk-size", "4")
     assert code == 0, err
     assert open_store(tmp_path / "banks" / "bottle", verify=True).count == 6
-    code, out, err = _cli(capsys, "fit", "banks/bottle", "--k", "1", "--fpr", "0.2")
+    code, out, err = _cli(capsys, "fit", "--store", "banks/bottle", "--k", "1", "--fpr", "0.2",
+                          "--out", "detectors/bottle")
     assert code == 0, err
-    code, out, err = _cli(capsys, "score", "banks/bottle", "--dataset", dataset, "--split", "test",
+    code, out, err = _cli(capsys, "score", "detectors/bottle", "--dataset", dataset, "--split", "test",
                           "--out", "scores.json")
     assert code == 0, err
     assert len(json.loads(Path("scores.json").read_text())["scores"]) == 4
