@@ -4,10 +4,13 @@ Stages: data (`load_dataset`, protocols) -> preprocessing + backbones (`get_back
 -> embedding (`embed`, `make_embed_fn`) -> stores (`extract_to_store`, `open_store`) -> DN2 math (`knn_score`,
 `clean`, `pool_groups`, `threshold`) -> evaluation (`roc_auc`, `evaluate`).
 `Detector` ties them into one object: fit / score / predict / p_values / neighbours / save / load.
+Beyond the paper: robust cleaning (`clean_bank`), set pools (`fit_set_pool`), feature adaptation
+(`dn2_jax.adapt`: PANDA, Mean-Shifted), patch-level kNN with anomaly maps (`dn2_jax.patch`, `coreset_select`).
 """
 
 __version__ = "0.1.0"
 
+from dn2_jax.adapt import AdaptConfig, adapt_to_weights
 from dn2_jax.cleaning import (
     CLEAN_RULES,
     DEFAULT_CLEAN,
@@ -17,6 +20,14 @@ from dn2_jax.cleaning import (
     sharded_clean_bank,
 )
 from dn2_jax.convert import convert_checkpoint, load_variables, restore_variables, save_variables
+from dn2_jax.coreset import (
+    coreset_select,
+    coreset_select_numpy,
+    coreset_select_stream,
+    coreset_size,
+    iter_row_chunks,
+    random_projection,
+)
 from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, load_dataset, max_image_pixels
 from dn2_jax.detector import Detector, DetectorConfig, Query
 from dn2_jax.embedding import clear_embed_cache, embed, make_embed_fn
@@ -53,6 +64,25 @@ from dn2_jax.knn import (
 )
 from dn2_jax.metrics import roc_auc, roc_curve
 from dn2_jax.models import BACKBONES, BackboneSpec, default_weights, fingerprint, get_backbone, init_random_variables
+from dn2_jax.patch import (
+    PatchConfig,
+    PatchFn,
+    PatchResult,
+    aggregate_patches,
+    anomaly_maps,
+    build_bank,
+    default_layers,
+    fit_patch_bank,
+    image_scores,
+    make_patch_fn,
+    patch_scores,
+    patchcore_scores,
+    save_overlays,
+    score_patch_images,
+    to_model_frame,
+    write_patches,
+)
+from dn2_jax.pixel_metrics import aupro, load_mvtec_masks, mask_path, pixel_roc_auc, pro_curve
 from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, SetPool, fit_set_pool
 from dn2_jax.preprocessing import PRESETS, Preset, preprocess
 from dn2_jax.protocols import (
@@ -62,6 +92,18 @@ from dn2_jax.protocols import (
     one_class,
     stratified_subsample,
     train_test_groups,
+)
+from dn2_jax.scoring import (
+    ScoreReport,
+    Source,
+    dataset_source,
+    fit_detector,
+    folder_source,
+    gallery,
+    load_detector,
+    score_source,
+    store_source,
+    write_report,
 )
 from dn2_jax.sharding import (
     ShardedBank,
@@ -83,76 +125,29 @@ from dn2_jax.store import (
     save_threshold,
     write_store,
 )
+from dn2_jax.synthetic import make_synthetic, write_synthetic_mvtec
 from dn2_jax.torch_io import load_state_dict
 
 __all__ = [
-    "BACKBONES", "DATASET_NAMES", "PRESETS", "BackboneSpec", "DN2Error", "DN2FileError", "Dataset", "EmbeddingStore",
-    "EvalConfig", "IncompleteStoreError", "Preset", "approx_knn", "clean", "contaminated_bank", "convert_checkpoint",
-    "data_mesh", "default_weights", "embed", "evaluate", "extract_to_store", "fingerprint", "fpr_quantile",
-    "get_backbone", "init_random_variables", "keep_lowest", "knn", "knn_chunks", "knn_score", "l2_normalize",
-    "load_dataset", "load_state_dict", "load_variables", "make_embed_fn", "make_groups", "mvtec_split", "one_class",
-    "open_store", "pool_groups", "pool_groups_by_id", "preprocess", "restore_variables", "roc_auc", "roc_curve",
-    "save_threshold", "save_variables", "self_knn_score", "shard_bank", "sharded_clean", "sharded_knn",
-    "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "squared_norms", "stratified_subsample",
-    "threshold", "train_test_groups", "write_store",
-    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_store_path", "check_writable",
-    "publish_dir", "read_tree_metadata", "restore_tree", "save_tree", "writer_lock",
-    "bank_center", "blocked_knn", "check_exclude", "check_features", "clear_embed_cache", "ShardedBank",
-    "CLEAN_RULES", "DEFAULT_CLEAN", "CleanResult", "clean_bank", "estimate_contamination", "sharded_clean_bank",
-    "DEFAULT_POOL", "SET_POOLS", "SetPool", "fit_set_pool",
-]
-__all__ += ["decode_image", "decode_images", "max_image_pixels"]
-__all__ += ["Detector", "DetectorConfig", "Query"]
-from dn2_jax.scoring import (  # noqa: E402  (the `dn2 fit` / `dn2 score` steps as library calls)
-    ScoreReport,
-    Source,
-    dataset_source,
-    fit_detector,
-    folder_source,
-    gallery,
-    load_detector,
-    score_source,
-    store_source,
-    write_report,
-)
-
-__all__ += ["ScoreReport", "Source", "dataset_source", "fit_detector", "folder_source", "gallery", "load_detector",
-            "score_source", "store_source", "write_report"]
-
-# Patch level (issue 15): patch features, coresets, anomaly maps, pixel metrics, synthetic defects.
-from dn2_jax.coreset import (  # noqa: E402
-    coreset_select,
-    coreset_select_numpy,
-    coreset_select_stream,
-    coreset_size,
-    iter_row_chunks,
-    random_projection,
-)
-from dn2_jax.patch import (  # noqa: E402
-    PatchConfig,
-    PatchFn,
-    PatchResult,
-    aggregate_patches,
-    anomaly_maps,
-    build_bank,
-    default_layers,
-    fit_patch_bank,
-    image_scores,
-    make_patch_fn,
-    patch_scores,
-    patchcore_scores,
-    save_overlays,
-    score_patch_images,
-    to_model_frame,
-    write_patches,
-)
-from dn2_jax.pixel_metrics import aupro, load_mvtec_masks, mask_path, pixel_roc_auc, pro_curve  # noqa: E402
-from dn2_jax.synthetic import make_synthetic, write_synthetic_mvtec  # noqa: E402
-
-__all__ += [
-    "PatchConfig", "PatchFn", "PatchResult", "aggregate_patches", "anomaly_maps", "aupro", "build_bank",
-    "coreset_select", "coreset_select_numpy", "coreset_select_stream", "coreset_size", "default_layers",
-    "fit_patch_bank", "image_scores", "iter_row_chunks", "load_mvtec_masks", "make_patch_fn", "make_synthetic",
-    "mask_path", "patch_scores", "patchcore_scores", "pixel_roc_auc", "pro_curve", "random_projection",
-    "save_overlays", "score_patch_images", "to_model_frame", "write_patches", "write_synthetic_mvtec",
+    "adapt_to_weights", "AdaptConfig", "aggregate_patches", "anomaly_maps", "approx_knn", "atomic_write_bytes",
+    "atomic_write_json", "atomic_write_text", "aupro", "BACKBONES", "BackboneSpec", "bank_center", "blocked_knn",
+    "build_bank", "check_exclude", "check_features", "check_store_path", "check_writable", "clean", "clean_bank",
+    "CLEAN_RULES", "CleanResult", "clear_embed_cache", "contaminated_bank", "convert_checkpoint", "coreset_select",
+    "coreset_select_numpy", "coreset_select_stream", "coreset_size", "data_mesh", "Dataset", "DATASET_NAMES",
+    "dataset_source", "decode_image", "decode_images", "DEFAULT_CLEAN", "default_layers", "DEFAULT_POOL",
+    "default_weights", "Detector", "DetectorConfig", "DN2Error", "DN2FileError", "embed", "EmbeddingStore",
+    "estimate_contamination", "EvalConfig", "evaluate", "extract_to_store", "fingerprint", "fit_detector",
+    "fit_patch_bank", "fit_set_pool", "folder_source", "fpr_quantile", "gallery", "get_backbone", "image_scores",
+    "IncompleteStoreError", "init_random_variables", "iter_row_chunks", "keep_lowest", "knn", "knn_chunks",
+    "knn_score", "l2_normalize", "load_dataset", "load_detector", "load_mvtec_masks", "load_state_dict",
+    "load_variables", "make_embed_fn", "make_groups", "make_patch_fn", "make_synthetic", "mask_path",
+    "max_image_pixels", "mvtec_split", "one_class", "open_store", "patch_scores", "PatchConfig", "patchcore_scores",
+    "PatchFn", "PatchResult", "pixel_roc_auc", "pool_groups", "pool_groups_by_id", "preprocess", "Preset", "PRESETS",
+    "pro_curve", "publish_dir", "Query", "random_projection", "read_tree_metadata", "restore_tree",
+    "restore_variables", "roc_auc", "roc_curve", "save_overlays", "save_threshold", "save_tree", "save_variables",
+    "score_patch_images", "score_source", "ScoreReport", "self_knn_score", "SET_POOLS", "SetPool", "shard_bank",
+    "sharded_clean", "sharded_clean_bank", "sharded_knn", "sharded_knn_score", "sharded_self_knn_score",
+    "sharded_threshold", "ShardedBank", "Source", "squared_norms", "store_source", "stratified_subsample",
+    "threshold", "to_model_frame", "train_test_groups", "write_patches", "write_report", "write_store",
+    "write_synthetic_mvtec", "writer_lock",
 ]
