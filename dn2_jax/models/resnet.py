@@ -8,6 +8,9 @@ itself is `dn2_jax.models.from_torch.from_torch_state_dict`, shared with Efficie
 
 Inputs are NHWC float images normalised with the ImageNet mean/std; ``model.apply(variables, images)``
 returns a dict of intermediate features.
+
+For inference the embedding path builds ``ResNet*(folded=True)`` with :func:`fold_batchnorm` ``(variables)``:
+each BatchNorm merged into the conv before it, the same features to float32 rounding.
 """
 
 from __future__ import annotations
