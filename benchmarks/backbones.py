@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/backbones.py                       # batch 32, 224x224, ResNet-50 + Lite0
     .venv/bin/python benchmarks/backbones.py --batch 4 --size 64 --runs 3   # quick smoke run
+    .venv/bin/python benchmarks/backbones.py --models resnet50,resnet50_unfolded   # BatchNorm folding's effect
+
+'resnet50' is the ResNet-50 as `dn2` embeds with it: BatchNorm folded into the convs; 'resnet50_unfolded' keeps
+the BatchNorm layers (the module `dn2_jax.adapt` trains).
 
 Contenders alternate within each round so that both see the same machine load. XLA compile time and each
 contender's first call are reported apart; then come --warmup untimed calls each (PyTorch/oneDNN needs a few
@@ -14,6 +18,7 @@ of dn2_jax).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -96,12 +101,23 @@ class TorchEfficientNetLite0(nn.Module):
         return self._fc(x.mean(dim=(2, 3)))
 
 
-def resnet50_pair() -> tuple[nn.Module, object, object]:
-    """(torchvision resnet50, Flax ResNet50, its variables) with the same random weights."""
+def resnet50_pair(folded: bool = True) -> tuple[nn.Module, object, object]:
+    """(torchvision resnet50, Flax ResNet50, its variables) with the same random weights (random BatchNorm
+    statistics, so that folding is exercised). Folded: BatchNorm merged into the convs, as the embedding path
+    runs it (`BackboneSpec.for_inference`); else the BatchNorm layers as trained."""
     torch.manual_seed(0)
     tv = torchvision.models.resnet50().eval()
-    variables = models.get_backbone("resnet50").from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
-    return tv, resnet.ResNet50(), variables
+    gen = torch.Generator().manual_seed(1)
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    spec = models.get_backbone("resnet50")
+    variables = spec.from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    if not folded:
+        return tv, resnet.ResNet50(), variables
+    module, folded_variables = spec.for_inference(variables)
+    return tv, module(), folded_variables
 
 
 def lite0_pair() -> tuple[nn.Module, object, object]:
@@ -115,7 +131,8 @@ def lite0_pair() -> tuple[nn.Module, object, object]:
     return tm.eval(), spec.module(), spec.from_state_dict(torch_io.load_state_dict(path))
 
 
-PAIRS = {"resnet50": resnet50_pair, "efficientnet_lite0": lite0_pair}
+PAIRS = {"resnet50": resnet50_pair, "resnet50_unfolded": functools.partial(resnet50_pair, folded=False),
+         "efficientnet_lite0": lite0_pair}
 
 
 def _timed(fn, pause_s: float = 0.0) -> float:

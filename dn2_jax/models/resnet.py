@@ -8,6 +8,9 @@ itself is `dn2_jax.models.from_torch.from_torch_state_dict`, shared with Efficie
 
 Inputs are NHWC float images normalised with the ImageNet mean/std; ``model.apply(variables, images)``
 returns a dict of intermediate features.
+
+For inference the embedding path builds ``ResNet*(folded=True)`` with :func:`fold_batchnorm` ``(variables)``:
+each BatchNorm merged into the conv before it, the same features to float32 rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from dn2_jax.errors import DN2Error
 from dn2_jax.models import from_torch
@@ -94,11 +98,18 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     dtype: Any = jnp.float32
     train: bool = False  # BatchNorm on batch statistics, updating 'batch_stats' (dn2_jax.adapt); else inference
+    folded: bool = False  # convs with biases and no BatchNorm: takes `fold_batchnorm(variables)` (inference only)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, epsilon=1e-5, dtype=self.dtype)
+        if self.folded and self.train:
+            raise DN2Error("a folded ResNet has no BatchNorm to train: build it with folded=False for train=True")
+        conv = functools.partial(nn.Conv, use_bias=self.folded, dtype=self.dtype)
+        if self.folded:
+            norm = _identity_norm
+        else:
+            norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, epsilon=1e-5,
+                                     dtype=self.dtype)
         out = {}
         x = conv(64, (7, 7), 2, padding=_pad(3), name="conv1")(x.astype(self.dtype))
         x = nn.relu(norm(name="bn1")(x))
@@ -112,6 +123,52 @@ class ResNet(nn.Module):
         out["pooled"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         out["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(out["pooled"])
         return out
+
+
+def _identity_norm(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Stands in for a BatchNorm that `fold_batchnorm` merged into the conv before it."""
+    del name
+    return lambda x: x
+
+
+#: BatchNorm module -> the conv whose output it normalises, within one block (or at the root).
+_BN_OF_CONV = {"bn1": "conv1", "bn2": "conv2", "bn3": "conv3", "downsample_1": "downsample_0"}
+BN_EPSILON = 1e-5
+
+
+def fold_batchnorm(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Inference-time BatchNorm folding: ResNet variables → variables of the same ResNet built with `folded=True`.
+
+    Every BatchNorm (running mean μ, variance σ², scale γ, bias β, eps 1e-5) is merged into the conv before it:
+    kernel (kh, kw, in, out) · γ/√(σ²+ε) per output channel, plus a bias β − μγ/√(σ²+ε) of shape (out,).
+    Computed in float64 and stored as float32; the features match the unfolded net to float32 rounding.
+    Pure: the input is not modified (its fingerprint is unchanged). Returns {'params': ...} (no 'batch_stats').
+    """
+    if "params" not in variables or "batch_stats" not in variables:
+        raise DN2Error("fold_batchnorm needs ResNet variables with 'params' and 'batch_stats', "
+                       f"got {sorted(variables)}")
+    params = traverse_util.flatten_dict(variables["params"])
+    stats = traverse_util.flatten_dict(variables["batch_stats"])
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    folded = set()
+    for path, leaf in params.items():
+        *parent, module, leaf_name = path
+        if module in _BN_OF_CONV:
+            continue
+        bn = (*parent, {v: k for k, v in _BN_OF_CONV.items()}.get(module, ""))
+        if leaf_name != "kernel" or (*bn, "scale") not in params:
+            out[path] = np.asarray(leaf)
+            continue
+        gamma, beta = (np.asarray(params[(*bn, k)], np.float64) for k in ("scale", "bias"))
+        mean, var = (np.asarray(stats[(*bn, k)], np.float64) for k in ("mean", "var"))
+        factor = gamma / np.sqrt(var + BN_EPSILON)
+        out[path] = (np.asarray(leaf, np.float64) * factor).astype(np.float32)
+        out[(*parent, module, "bias")] = (beta - mean * factor).astype(np.float32)
+        folded.add(bn)
+    unfolded = {p[:-1] for p in params if p[-2] in _BN_OF_CONV} - folded
+    if unfolded:
+        raise DN2Error(f"fold_batchnorm: BatchNorm without its conv: {'/'.join(sorted(unfolded)[0])}")
+    return {"params": traverse_util.unflatten_dict(out)}
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
