@@ -62,6 +62,7 @@ def test_gradient_matches_finite_differences(method):
         centre = jnp.asarray(rng.normal(0, 0.1, 16))
         x, key = images(8), jax.random.key(3)
 
+        @jax.jit
         def loss(params):
             return adapt.loss_fn(params, v["batch_stats"], x, key, module=TinyNet(), preset=PRESET, cfg=cfg,
                                  centre=centre, anchor=anchor, fisher=None)[0]
@@ -103,7 +104,7 @@ def test_default_freeze_per_family():
 
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_weights(tmp_path):
-    cfg = adapt.AdaptConfig(method="msc", epochs=3, batch_size=8, learning_rate=0.01, freeze=())
+    cfg = adapt.AdaptConfig(method="panda", epochs=3, batch_size=8, learning_rate=0.05, freeze=())
     ckpt = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, str(HELPER), "run", json.dumps(cfg.to_dict()), str(ckpt), "2"], env=env,
@@ -116,7 +117,7 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert [r["loss"] for r in hist] == [r["loss"] for r in hist2]
     with pytest.raises(DN2Error, match="another run"):
-        _adapt(adapt.AdaptConfig(method="msc", epochs=3, batch_size=8, learning_rate=0.02, freeze=()),
+        _adapt(adapt.AdaptConfig(method="panda", epochs=3, batch_size=8, learning_rate=0.02, freeze=()),
                checkpoint_dir=ckpt)
 
 
@@ -209,7 +210,7 @@ def test_cli_adapt_then_eval_adapt(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _folder(tmp_path / "widget")
     tiny = ["--input-size", "32"]
-    code, out, err = _cli(capsys, "adapt", "--images", "widget/train/good", *tiny, "--epochs", "2", "--batch-size",
+    code, out, err = _cli(capsys, "adapt", "--images", "widget/train/good", *tiny, "--epochs", "1", "--batch-size",
                           "8", "--out", "weights/widget", "--plot", "loss.png")
     assert code == 0, err
     adapted = load_variables("efficientnet_lite0", "weights/widget")
@@ -217,13 +218,13 @@ def test_cli_adapt_then_eval_adapt(capsys, tmp_path, monkeypatch):
     assert Path("loss.png").stat().st_size > 1000 and not list(Path("weights").glob(".*"))  # checkpoint removed
 
     args = ["eval", "--dataset", "mvtec:widget", *tiny, "--batch-size", "8", "--adapt", "panda", "--adapt-epochs",
-            "2", "--adapt-batch-size", "8", "--cache-dir", "cache", "--out", "run"]
+            "1", "--adapt-batch-size", "8", "--cache-dir", "cache", "--out", "run"]
     code, out, err = _cli(capsys, *args)
     assert code == 0, err
     res = json.loads(Path("run/results.json").read_text())
-    assert res["settings"]["adapt"] == "panda" and res["settings"]["adapt_epochs"] == 2
-    assert {"auc_pretrained", "loss_epoch_1", "loss_epoch_2", "auc_epoch_1", "auc_epoch_2"} <= set(res["extra"])
-    assert res["extra"]["auc_epoch_2"]["mean"] == pytest.approx(res["mean"], abs=1e-6)  # last epoch = the score
+    assert res["settings"]["adapt"] == "panda" and res["settings"]["adapt_epochs"] == 1
+    assert {"auc_pretrained", "loss_epoch_1", "auc_epoch_1"} <= set(res["extra"])
+    assert res["extra"]["auc_epoch_1"]["mean"] == pytest.approx(res["mean"], abs=1e-6)  # last epoch = the score
     assert Path("run/adaptation.png").stat().st_size > 1000
     # The adapted backbone is just another weights file: DN2 with it gives the same ROC-AUC.
     (weights,) = Path("cache/adapted").iterdir()
