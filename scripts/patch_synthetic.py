@@ -5,7 +5,7 @@ test set (seed 2), which is written to disk in the MVTec AD layout and read back
 and dn2_jax.pixel_metrics.load_mvtec_masks, so the file path is checked end to end. Backbone: EfficientNet-Lite0
 ImageNet weights. Writes JSON (--out) and a figure of maps (--figure).
 Usage: nice -n 10 python scripts/patch_synthetic.py --out benchmarks/results/patch_synthetic.json \\
-           --figure /work/parts/patch_maps.png
+           --figure docs/patch_maps.png
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def run(cfg, variables, train, test, masks, labels):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/patch_synthetic.json")
-    ap.add_argument("--figure", default="/work/parts/patch_maps.png")
+    ap.add_argument("--figure", default="docs/patch_maps.png")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--train", type=int, default=64)
     ap.add_argument("--coreset", type=float, default=0.1)
