@@ -43,13 +43,16 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/dn2-study")
     args = ap.parse_args()
 
+    from dn2_jax.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the dn2 command does: without it XLA:CPU page-faults its scratch in every batch
     from dn2_jax.data import load_dataset
     from dn2_jax.evaluation import EvalConfig, FeatureExtractor
     from dn2_jax.protocols import stratified_subsample
 
     out = features_path(args.cache, args.dataset, args.train_per_class, args.test, args.seed)
-    cfg = EvalConfig(dataset=args.dataset, batch_size=args.batch_size, cache_dir=args.cache, normalize=True)
-    extract = FeatureExtractor(cfg)
+    cfg = EvalConfig(dataset=args.dataset, batch_size=args.batch_size, cache_dir=args.cache)
+    extract = FeatureExtractor.from_config(cfg, cache_dir=args.cache)
     arrays = {}
     for split in ("train", "test"):
         ds = load_dataset(args.dataset, split)
@@ -59,9 +62,10 @@ def main() -> None:
             ids = np.arange(len(ds.labels)) if args.test <= 0 else stratified_subsample(ds.labels, args.test,
                                                                                           seed=args.seed)
         t0 = time.perf_counter()
-        feats = extract(ds, ids)
+        feats = np.asarray(extract(ds, ids), np.float32)  # raw features, cached in a store under --cache
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)  # L2, as dn2 eval's default
         print(f"{args.dataset} {split}: {len(ids)} images embedded in {time.perf_counter() - t0:.0f} s", flush=True)
-        arrays.update({f"{split}_x": np.asarray(feats, np.float32), f"{split}_y": ds.labels[ids].astype(np.int64),
+        arrays.update({f"{split}_x": feats, f"{split}_y": ds.labels[ids].astype(np.int64),
                        f"{split}_ids": ids})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
