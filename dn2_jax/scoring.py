@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, decode_images, load_dataset
+from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, load_dataset, open_images, take
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.fileio import atomic_write_text, make_parents
 
@@ -84,14 +84,15 @@ def folder_source(directory: str | os.PathLike, *, on_error: str = "raise") -> S
     """Every image file under `directory` (recursively, sorted), named by its path as given.
 
     on_error: "raise" stops at the first file that cannot be decoded, naming it; "skip" leaves such files out
-    and lists them in `Source.skipped` (`dn2_jax.data.decode_images`)."""
+    and lists them in `Source.skipped` (`dn2_jax.data.open_images`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DN2FileError(f"--images '{directory}' is not a directory")
     paths = sorted(str(p) for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise DN2FileError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under '{directory}'")
-    images, kept, skipped = decode_images(paths, on_error=on_error)
+    images, skipped = open_images(paths, on_error=on_error)  # decoded as they are embedded
+    kept = images.paths
     if not kept:
         raise DN2FileError(f"none of the {len(paths)} image files under '{directory}' decodes ({skipped[0][1]})")
     return Source(images, kept, skipped=skipped)
@@ -111,7 +112,7 @@ def dataset_source(spec: str, split: str, classes: Sequence[int] | None = None,
         idx = np.flatnonzero(np.isin(ds.labels, list(classes)))
     if len(idx) == 0:
         raise DN2Error(f"{spec} ({split}) has no images of classes {list(classes or [])}")
-    images = ds.images[idx] if isinstance(ds.images, np.ndarray) else [ds.images[i] for i in idx]
+    images = take(ds.images, idx)  # lazy for image folders: decoded as they are embedded
     names = [ds.paths[i] for i in idx] if ds.paths is not None else [dataset_ref(spec, split, i) for i in idx]
     return Source(images, names, labels=ds.labels[idx], skipped=ds.skipped)
 

@@ -419,31 +419,61 @@ def _index_arrays(count: int, labels: Any, ids: Any) -> tuple[np.ndarray, np.nda
     return out[0], out[1]
 
 
-def _batch(images: Any, a: int, b: int) -> np.ndarray:
-    if isinstance(images, np.ndarray):
-        return images[a:b]
-    return np.stack([np.asarray(images[j]) for j in range(a, b)])
+def _runs(chunks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as [first, last + 1) runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for i in sorted(chunks):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
-def _embed_range(
+def _embed_chunks(
     images: Any,
+    indices: np.ndarray,
     embed_fn: Callable[[np.ndarray], Any],
-    start: int,
-    stop: int,
+    chunks: Sequence[int],
+    chunk_size: int,
     batch_size: int,
     dtype: np.dtype,
     bar: tqdm,
-) -> np.ndarray:
-    """embed_fn over images[start:stop] in batches → (stop - start, D) host array of `dtype`."""
-    parts = []
-    for a in range(start, stop, batch_size):
-        b = min(stop, a + batch_size)
-        out = np.asarray(embed_fn(_batch(images, a, b)))  # Gathers device arrays to host.
-        if out.ndim != 2 or out.shape[0] != b - a:
-            raise DN2Error(f"embed_fn returned shape {out.shape} for a batch of {b - a} images; expected ({b - a}, D).")
-        parts.append(out.astype(dtype))
-        bar.update(b - a)
-    return np.concatenate(parts)
+    stream: Mapping[str, Any],
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(i, (n_i, D) host array of `dtype`) for each chunk i in `chunks`: embed_fn over ``images[indices[r]]``
+    for its rows r, batches streamed by `pipeline.batches` (read ahead in threads, one image shape each)."""
+    from dn2_jax import pipeline
+
+    count = len(indices)
+    for first, last in _runs(chunks):
+        batches = pipeline.batches(images, indices, batch_size, start=first * chunk_size,
+                                   stop=min(count, last * chunk_size), chunk_size=chunk_size, **stream)
+        emb, filled = None, 0
+        for positions, batch in batches:
+            i = int(positions[0]) // chunk_size
+            out = np.asarray(embed_fn(batch))  # Gathers device arrays to host.
+            if out.ndim != 2 or out.shape[0] != len(batch):
+                raise DN2Error(f"embed_fn returned shape {out.shape} for a batch of {len(batch)} images; "
+                               f"expected ({len(batch)}, D).")
+            if emb is None:
+                emb = np.empty((min(chunk_size, count - i * chunk_size), out.shape[1]), dtype)
+            emb[positions - i * chunk_size] = out
+            filled += len(batch)
+            bar.update(len(batch))
+            if filled == len(emb):
+                yield i, emb
+                emb, filled = None, 0
+
+
+def _row_indices(n: int, indices: Any) -> np.ndarray:
+    """(N,) int64 source index of each store row; default arange(n)."""
+    if indices is None:
+        return np.arange(n, dtype=np.int64)
+    a = np.asarray(indices)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() >= n)):
+        raise DN2Error(f"indices must be 1-D integers in [0, {n}) (the images' count), got shape {a.shape} {a.dtype}.")
+    return a.astype(np.int64)
 
 
 def check_store_path(path: str | os.PathLike, what: str = "embedding store") -> Path:
@@ -550,23 +580,34 @@ def _complete_same(path: Path, manifest: Mapping[str, Any]) -> EmbeddingStore | 
     return open_store(path)
 
 
+# Why an existing store's identity differs from a run's, for the keys a user can change without noticing.
+_DIFF_HINTS = {
+    "files": "the source's image files changed since the store was begun: a file added, removed, resized, "
+    "modified or skipped",
+    "ids_sha256": "the rows are other images or in another order: another source order, subset or split",
+}
+
+
 def _extract_locked(
     path: Path,
     images: Sequence[Any] | np.ndarray,
+    indices: np.ndarray,
     embed_fn: Callable[[np.ndarray], Any],
     manifest: dict[str, Any],
     labels: np.ndarray,
     ids: np.ndarray,
     batch_size: int,
     progress: bool,
+    stream: Mapping[str, Any],
 ) -> EmbeddingStore:
     """extract_to_store once the arguments are checked and the writer lock is held."""
     existing = _existing_manifest(path)
     if existing is not None:
         mine, theirs = _identity(manifest), _identity(existing)
         if diffs := _differences(theirs, mine, sorted(set(mine) | set(theirs)), "this run has"):
+            why = "".join(f" ({v})" for k, v in _DIFF_HINTS.items() if theirs.get(k) != mine.get(k))
             raise DN2Error(
-                f"'{path}' already holds an embedding store for other data or another model: {diffs}. "
+                f"'{path}' already holds an embedding store for other data or another model: {diffs}{why}. "
                 "Use another path, or delete it to re-embed."
             )
         if existing["complete"]:
@@ -588,9 +629,8 @@ def _extract_locked(
         disable=not progress,
         dynamic_ncols=True,
     ) as bar:
-        for i in sorted(set(range(n)) - done):
-            start = i * chunk_size
-            emb = _embed_range(images, embed_fn, start, min(count, start + chunk_size), batch_size, dtype, bar)
+        todo = sorted(set(range(n)) - done)
+        for i, emb in _embed_chunks(images, indices, embed_fn, todo, chunk_size, batch_size, dtype, bar, stream):
             if existing is None:  # Nothing is written before the first chunk is computed.
                 path.mkdir(exist_ok=True)
                 fileio.atomic_write_json(path / MANIFEST, manifest)
@@ -612,11 +652,14 @@ def extract_to_store(
     metadata: Mapping[str, Any],
     labels: Any = None,
     ids: Any = None,
+    indices: Any = None,
     chunk_size: int = 4096,
     batch_size: int = 256,
     dtype: str = "float32",
     progress: bool = True,
     lock_timeout: float | None = None,
+    threads: int | None = None,
+    prefetch: int | None = None,
 ) -> EmbeddingStore:
     """Embeds `images` into a store at `path`, one atomically committed chunk at a time; resumes partial ones.
 
@@ -625,16 +668,23 @@ def extract_to_store(
 
     Args:
       path: store directory (created, with missing parents; relative to the working directory if relative).
-      images: N images, any indexable sequence (np.ndarray or list of arrays), given to embed_fn in batches.
-      embed_fn: uint8 images (B, H, W[, C]) → (B, D) features (numpy or jax array). Must be deterministic for
-        a resumed store to equal an uninterrupted one.
+      images: a random-access source of images (np.ndarray, list of arrays, `dn2_jax.data.FolderImages`, any
+        object with len and [int]), streamed to embed_fn in batches by `dn2_jax.pipeline.batches` (read
+        ahead by worker threads; at most a few batches in host memory). An image that fails to read (e.g. a
+        file that does not decode) stops the extraction with its error, naming it; the committed chunks stay.
+      embed_fn: uint8 images (B, H, W[, C]) → (B, D) features (numpy or jax array); every batch holds one
+        image shape (a batch is cut where the shape changes: order rows by shape, see
+        `dn2_jax.pipeline.order_by_shape`). Must be deterministic for a resumed store to equal an
+        uninterrupted one.
       metadata: JSON data with at least backbone, fingerprint, preset, dataset, split.
       labels, ids: (N,) integers; default -1 and arange(N).
+      indices: (N,) row r of the store is ``images[indices[r]]`` (default: every image, in order).
       chunk_size: images per committed chunk (at most this many are lost by a crash).
       batch_size: images per embed_fn call (chunks are split into batches).
       dtype: "float32" or "bfloat16", as stored.
       progress: show a tqdm bar counting images.
       lock_timeout: seconds to wait for another writer of `path` (default: env DN2_LOCK_TIMEOUT, else no limit).
+      threads, prefetch: reader threads and batches read ahead (`dn2_jax.pipeline.batches`).
 
     Returns:
       The complete store. If `path` already holds a complete store for the same data, it is returned as is.
@@ -645,15 +695,17 @@ def extract_to_store(
       DN2FileError: `path` cannot be written (checked before embedding anything).
     """
     path = fileio.absolute(path)
-    count = len(images)
+    indices = _row_indices(len(images), indices)
+    count = len(indices)
     _validate_extraction(count, chunk_size, batch_size, dtype)
     labels, ids = _index_arrays(count, labels, ids)
     manifest = _new_manifest(metadata, count, chunk_size, dtype, labels, ids)
     if (done := _complete_same(path, manifest)) is not None:  # No lock needed, nothing written: may be read-only.
         return done
     check_store_path(path)
+    stream = {"threads": threads, "prefetch": prefetch}
     with _locked(path, lock_timeout):
-        return _extract_locked(path, images, embed_fn, manifest, labels, ids, batch_size, progress)
+        return _extract_locked(path, images, indices, embed_fn, manifest, labels, ids, batch_size, progress, stream)
 
 
 def write_store(
@@ -696,7 +748,7 @@ def write_store(
             shutil.rmtree(old, ignore_errors=True)
         tmp = fileio.temporary_dir(path)
         try:
-            _extract_locked(tmp, emb, lambda x: x, manifest, labels, ids, chunk_size, False)
+            _extract_locked(tmp, emb, np.arange(len(emb)), lambda x: x, manifest, labels, ids, chunk_size, False, {})
             fileio.publish_dir(tmp, path, overwrite=overwrite)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -101,6 +101,23 @@ def test_idx_round_trip(tmp_path, gz):
     assert ds.labels.dtype == np.int64
 
 
+def test_uncompressed_idx_is_memory_mapped_and_streams_like_gz(tmp_path):
+    from dn2_jax import pipeline
+
+    images, labels = _tiny(n=9, seed=5)
+    raw = data.load_idx(str(_write_idx(tmp_path / "raw", "train", images, labels, gz=False)), "train")
+    gz = data.load_idx(str(_write_idx(tmp_path / "gz", "train", images, labels)), "train")
+    assert isinstance(raw.images, np.memmap) and not raw.images.flags.writeable
+    assert not isinstance(gz.images, np.memmap)  # gzip: decompressed into memory (MNIST-family sizes)
+    for ds in (raw, gz):
+        got = np.concatenate([b for _, b in pipeline.batches(ds.images, np.arange(9)[::-1], 4)])
+        np.testing.assert_array_equal(got, images[::-1])
+    (tmp_path / "raw" / "train-images-idx3-ubyte").write_bytes(_idx(images)[:-5])
+    data.clear_cache()
+    with pytest.raises(DN2FileError, match=r"train-images-idx3-ubyte: header says \(9, 28, 28\)"):
+        data.load_idx(str(tmp_path / "raw"), "train")
+
+
 def test_local_idx_folder_is_found_under_data_dir(tmp_path):
     images, labels = _tiny(seed=3)
     _write_idx(tmp_path / "mnist", "train", images, labels)
@@ -315,7 +332,7 @@ def test_folder_with_splits_modes_and_sizes(tmp_path):
     _png(tmp_path / "test" / "dog" / "big.png", np.zeros((6, 5), np.uint8))
     data.clear_cache()
     test = data.load_dataset(f"folder:{tmp_path}", "test")
-    assert isinstance(test.images, list) and test.images[2].shape == (6, 5, 3)
+    assert not test.images.uniform and test.images[2].shape == (6, 5, 3)
 
 
 def test_folder_without_splits_and_bad_folders(tmp_path):

@@ -428,7 +428,7 @@ def test_detector_auc_equals_dn2_eval_pixels(tmp_path):
 def test_detector_auc_equals_dn2_eval_backbone_on_mixed_sizes(tmp_path, caplog):
     _write_folder(tmp_path / "f", [(40, 40), (36, 44)])
     dataset = f"folder:{tmp_path / 'f'}"
-    assert isinstance(dn2.load_dataset(dataset, "train").images, list)  # mixed sizes: grouped by shape
+    assert not dn2.load_dataset(dataset, "train").images.uniform  # mixed sizes: grouped by shape
     kw = dict(backbone="efficientnet_lite0", input_size=32, batch_size=8)
     res, _ = dn2.evaluate(dn2.EvalConfig(dataset=dataset, classes=(1,), **kw), printer=None)
     det = Detector(**kw)

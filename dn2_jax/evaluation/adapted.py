@@ -21,6 +21,7 @@ import numpy as np
 
 from dn2_jax import adapt, models
 from dn2_jax.convert import load_variables, restore_variables
+from dn2_jax.data import one_size
 from dn2_jax.detector import Detector
 from dn2_jax.errors import DN2Error
 from dn2_jax.evaluation.config import EvalConfig
@@ -55,7 +56,7 @@ def run_adapted(cfg: EvalConfig, train, test, splits: dict, extract: FeatureExtr
     whose `extra` holds the pretrained ROC-AUC ('auc_pretrained') and per epoch 'loss_epoch_E'/'auc_epoch_E'."""
     if cfg.backbone == "pixels":
         raise DN2Error("--adapt needs a network backbone; the pixels baseline has no weights to adapt")
-    if not isinstance(train.images, np.ndarray) or not isinstance(test.images, np.ndarray):
+    if not one_size(train.images) or not one_size(test.images):
         raise DN2Error("--adapt needs images of one size (this dataset mixes sizes)")
     acfg = adapt_config(cfg)
     spec = models.get_backbone(cfg.backbone)

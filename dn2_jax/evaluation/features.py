@@ -1,8 +1,9 @@
 """Features of dataset subsets, extracted once and cached in embedding stores (resumable, any image sizes).
 
-Images of different sizes (image folders) are ordered by shape before extraction, so each backbone batch
-holds one shape (one compilation per shape) and an interrupted store resumes like any other: the store's
-ids record each row's index in the dataset.
+Images of different sizes (image folders) are ordered by shape before extraction (from the file headers,
+`dn2_jax.pipeline.order_by_shape`), so each backbone batch holds one shape (one compilation per shape) and an
+interrupted store resumes like any other: the store's ids record each row's index in the dataset. Images are
+streamed from the dataset's source (`dn2_jax.pipeline`), never all decoded at once.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from dn2_jax.data import Dataset
+from dn2_jax.data import Dataset, Images, take
 from dn2_jax.errors import DN2Error
 from dn2_jax.evaluation.config import PIXELS
-
-Images = np.ndarray | list[np.ndarray]
+from dn2_jax.pipeline import order_by_shape
 
 
 class FeatureExtractor:
@@ -65,7 +65,9 @@ class FeatureExtractor:
                  metadata: Mapping[str, Any] | None = None):
         """Embeds ``ds.images[indices]`` into a resumable store at `path` (ids = the dataset indices); returns it.
 
-        Rows are ordered by image shape (one shape per batch), so the store's ids give each row's image.
+        Rows are ordered by image shape (one shape per batch), so the store's ids give each row's image. The
+        images are streamed (`dn2_jax.pipeline.batches`): decoded in reader threads a few batches ahead, never
+        all in memory.
         """
         from dn2_jax import store
 
@@ -73,19 +75,16 @@ class FeatureExtractor:
         if len(indices) == 0:
             raise DN2Error(f"no images to embed from {ds.name} ({ds.split})")
         meta = dict(metadata) if metadata is not None else self.metadata(ds)
-        order, images = _by_shape(ds.images, indices)
-        return store.extract_to_store(Path(path).absolute(), images, self._embed_batch, metadata=meta,
-                                      labels=ds.labels[order], ids=order, chunk_size=chunk_size,
+        order = order_by_shape(ds.images, indices)
+        return store.extract_to_store(Path(path).absolute(), ds.images, self.embed, metadata=meta,
+                                      labels=ds.labels[order], ids=order, indices=order, chunk_size=chunk_size,
                                       batch_size=self.batch_size)
-
-    def _embed_batch(self, batch) -> np.ndarray:
-        return self.embed(list(batch) if batch.dtype == object else batch)
 
     def __call__(self, ds: Dataset, indices: np.ndarray) -> np.ndarray:
         """(len(indices), D) float32 raw features of ``ds.images[indices]``, in that order (cached if configured)."""
         indices = np.asarray(indices, np.int64)
         if self.cache_dir is None or self.backbone == PIXELS or len(indices) == 0:
-            return self.embed(_take(ds.images, indices))
+            return self.embed(take(ds.images, indices))
         from dn2_jax import store
 
         meta = self.metadata(ds)
@@ -117,26 +116,6 @@ def _files_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _shape_groups(images: Images) -> list[np.ndarray]:
-    """Index arrays of same-shaped images, in order of first appearance."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(np.shape(image), []).append(i)
-    return [np.asarray(idx, np.int64) for idx in groups.values()]
-
-
-def _by_shape(images: Images, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indices reordered so same-shaped images are adjacent, those images): an array, or an object array."""
-    if isinstance(images, np.ndarray):
-        return indices, images[indices]
-    taken = [images[int(i)] for i in indices]
-    order = np.concatenate(_shape_groups(taken))
-    out = np.empty(len(order), object)  # indexable like an array; a slice is a batch of same-shaped images
-    for j, i in enumerate(order):
-        out[j] = taken[i]
-    return indices[order], out
-
-
 def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
     """Positions of `wanted` in `ids`, or None if some are missing."""
     if len(ids) == 0:
@@ -145,12 +124,6 @@ def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
     pos = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
     found = order[pos]
     return found if np.array_equal(ids[found], wanted) else None
-
-
-def _take(images: Images, indices: np.ndarray) -> Images:
-    if isinstance(images, np.ndarray):
-        return images[indices]
-    return [images[int(i)] for i in indices]
 
 
 def embed_split(path: str | os.PathLike, config, dataset: str, split: str, *, data_dir: str | None = None,

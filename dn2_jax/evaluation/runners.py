@@ -22,7 +22,7 @@ import numpy as np
 
 from dn2_jax import protocols
 from dn2_jax.cleaning import MIN_ESTIMATE_ROWS, resolve_rule
-from dn2_jax.data import Dataset, load_dataset
+from dn2_jax.data import Dataset, load_dataset, one_size
 from dn2_jax.errors import DN2Error
 from dn2_jax.evaluation.config import PIXELS, QUICK, EvalConfig, validate_config
 from dn2_jax.evaluation.features import FeatureExtractor
@@ -258,7 +258,7 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     test = load_dataset(cfg.dataset, "test", cfg.data_dir, on_error=on_error)
     log.timing("load_s", time.perf_counter() - t_start)
     classes = select_classes(cfg, train)
-    if cfg.backbone == PIXELS and not isinstance(train.images, np.ndarray):
+    if cfg.backbone == PIXELS and not one_size(train.images):
         raise DN2Error("the raw-pixel baseline needs images of one size; this dataset mixes sizes")
     cfg = quick_sizes(cfg, train, test, classes, log.print)
     t0 = time.perf_counter()
