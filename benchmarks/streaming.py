@@ -64,8 +64,10 @@ def write_pngs(root: Path, n: int) -> None:
         path = folder / f"{j % PER_CLASS:04d}.png"
         if j % PER_CLASS == 0:
             folder.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_bytes(encoded[j % 251])
+        if not path.exists():  # written whole, then renamed: a killed run leaves no truncated file
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(encoded[j % 251])
+            tmp.rename(path)
 
 
 def size_folder(root: Path, n: int) -> Path:
@@ -105,7 +107,9 @@ def run_rss(root: Path, sizes: list[int], progress=None) -> list[dict]:
     for n in sizes:
         folder = size_folder(root, n)
         out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(n)], capture_output=True,
-                             text=True, check=True)
+                             text=True)
+        if out.returncode:
+            raise RuntimeError(f"size {n} failed:\n{out.stderr[-3000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
         print(row, flush=True)
         rows.append(row)
