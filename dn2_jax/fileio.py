@@ -27,10 +27,10 @@ import sys
 import tempfile
 import time
 import uuid
-from unittest import mock
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 import numpy as np
