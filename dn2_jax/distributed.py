@@ -76,7 +76,25 @@ def initialize(config: ProcessConfig | None = None, *, timeout_s: int = 300) -> 
     if jax.distributed.is_initialized():
         return True
     initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, timeout_s=timeout_s)
+    _connect()
     return True
+
+
+def _connect() -> None:
+    """Opens the cross-process collectives now, while the processes are in step: on CPU (gloo) the first
+    collective of a set of devices waits only ~30 s for the others, so the first one after an uneven share of
+    work (embedding) would fail; later ones wait as long as it takes."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dn2_jax.sharding import DATA_AXIS, data_mesh
+
+    barrier("dn2-joined")  # process-level collectives (all-gathers, barriers)
+    mesh = data_mesh()  # device-level ones (sharded kNN over every device of every process)
+    ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA_AXIS)),
+                                                  np.ones(jax.local_device_count(), np.float32))
+    jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(ones).block_until_ready()
 
 
 def process_index() -> int:
