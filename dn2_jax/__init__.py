@@ -39,6 +39,7 @@ from dn2_jax.data import (
     open_images,
 )
 from dn2_jax.detector import Detector, DetectorConfig, Query
+from dn2_jax.distributed import ProcessConfig
 from dn2_jax.embedding import clear_embed_cache, embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.evaluation import EvalConfig, evaluate
@@ -128,7 +129,9 @@ from dn2_jax.sharding import (
 from dn2_jax.store import (
     EmbeddingStore,
     IncompleteStoreError,
+    PartedStore,
     check_store_path,
+    extract_parts,
     extract_to_store,
     open_store,
     save_threshold,
@@ -145,18 +148,18 @@ __all__ = [
     "coreset_select_numpy", "coreset_select_stream", "coreset_size", "data_mesh", "Dataset", "DATASET_NAMES",
     "dataset_source", "decode_image", "decode_images", "DEFAULT_CLEAN", "default_layers", "DEFAULT_POOL",
     "default_weights", "Detector", "DetectorConfig", "DN2Error", "DN2FileError", "embed", "EmbeddingStore",
-    "estimate_contamination", "EvalConfig", "evaluate", "extract_to_store", "fingerprint", "fit_detector",
-    "fit_patch_bank", "fit_set_pool", "folder_source", "FolderImages", "fpr_quantile", "gallery", "get_backbone",
-    "image_scores", "IncompleteStoreError", "init_random_variables", "iter_row_chunks", "keep_lowest", "knn",
-    "knn_chunks", "knn_score", "l2_normalize", "load_dataset", "load_detector", "load_mvtec_masks",
-    "load_state_dict", "load_variables", "make_embed_fn", "make_groups", "make_patch_fn", "make_synthetic",
-    "mask_path", "max_image_pixels", "mvtec_split", "one_class", "open_images", "open_store", "patch_scores",
-    "PatchConfig", "patchcore_scores", "PatchFn", "PatchResult", "pixel_roc_auc", "pool_groups",
-    "pool_groups_by_id", "preprocess", "Preset", "PRESETS", "pro_curve", "publish_dir", "Query",
-    "random_projection", "read_tree_metadata", "restore_tree", "restore_variables", "roc_auc", "roc_curve",
-    "save_overlays", "save_threshold", "save_tree", "save_variables", "score_patch_images", "score_source",
-    "ScoreReport", "self_knn_score", "SET_POOLS", "SetPool", "shard_bank", "sharded_clean", "sharded_clean_bank",
-    "sharded_knn", "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold", "ShardedBank", "Source",
-    "squared_norms", "store_source", "stratified_subsample", "threshold", "to_model_frame", "train_test_groups",
-    "write_patches", "write_report", "write_store", "write_synthetic_mvtec", "writer_lock",
+    "estimate_contamination", "EvalConfig", "evaluate", "extract_parts", "extract_to_store", "fingerprint",
+    "fit_detector", "fit_patch_bank", "fit_set_pool", "folder_source", "FolderImages", "fpr_quantile", "gallery",
+    "get_backbone", "image_scores", "IncompleteStoreError", "init_random_variables", "iter_row_chunks",
+    "keep_lowest", "knn", "knn_chunks", "knn_score", "l2_normalize", "load_dataset", "load_detector",
+    "load_mvtec_masks", "load_state_dict", "load_variables", "make_embed_fn", "make_groups", "make_patch_fn",
+    "make_synthetic", "mask_path", "max_image_pixels", "mvtec_split", "one_class", "open_images", "open_store",
+    "PartedStore", "patch_scores", "PatchConfig", "patchcore_scores", "PatchFn", "PatchResult", "pixel_roc_auc",
+    "pool_groups", "pool_groups_by_id", "preprocess", "Preset", "PRESETS", "pro_curve", "ProcessConfig",
+    "publish_dir", "Query", "random_projection", "read_tree_metadata", "restore_tree", "restore_variables",
+    "roc_auc", "roc_curve", "save_overlays", "save_threshold", "save_tree", "save_variables", "score_patch_images",
+    "score_source", "ScoreReport", "self_knn_score", "SET_POOLS", "SetPool", "shard_bank", "sharded_clean",
+    "sharded_clean_bank", "sharded_knn", "sharded_knn_score", "sharded_self_knn_score", "sharded_threshold",
+    "ShardedBank", "Source", "squared_norms", "store_source", "stratified_subsample", "threshold", "to_model_frame",
+    "train_test_groups", "write_patches", "write_report", "write_store", "write_synthetic_mvtec", "writer_lock",
 ]

@@ -9,6 +9,7 @@ error. User mistakes print one line, ``dn2: error: ...``, and exit with status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -130,6 +131,7 @@ def _source(args, split: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from dn2_jax.detector import DetectorConfig
+    from dn2_jax.distributed import ProcessConfig
     from dn2_jax.evaluation import EvalConfig
 
     parser = _Parser(prog="dn2", description="Deep Nearest Neighbor Anomaly Detection (JAX)")
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
                    help="do not read or write embedding stores")
+    add_config_flags(p, ProcessConfig)
     p.set_defaults(func=cmd_eval)
 
     features = ("backbone", "weights", "input_size", "dtype", "batch_size")
@@ -156,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, DetectorConfig, names=features)
     p.add_argument("--chunk-size", type=int, default=4096, help="images per atomically committed chunk")
     p.add_argument("--out", required=True, help="store directory")
+    add_config_flags(p, ProcessConfig)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("fit", help="fit a detector to normal images and save it (a directory)")
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, DetectorConfig)
     p.add_argument("--out", required=True, help="detector directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing detector at --out")
+    add_config_flags(p, ProcessConfig)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("score", help="score images with a saved detector: score, p-value, decision, neighbours")
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the report here: .json or .csv (default: print)")
     p.add_argument("--gallery", help="PNG: the most anomalous images beside their nearest normal images")
     p.add_argument("--top", type=int, default=argparse.SUPPRESS, help="rows of --gallery (default: 8)")
+    add_config_flags(p, ProcessConfig)
     p.set_defaults(func=cmd_score)
 
     from dn2_jax.adapt import AdaptConfig
@@ -200,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> None:
-    from dn2_jax import evaluation
+    from dn2_jax import distributed, evaluation
 
     given = {k: v for k, v in given_settings(args, evaluation.EvalConfig).items() if k not in ("quick", "cache_dir")}
     mode = given.get("mode", "semi")
@@ -227,6 +233,8 @@ def cmd_eval(args) -> None:
     out_dir = evaluation.check_output_dir(args.out)
     results, per_class = evaluation.evaluate(cfg)
     _report_skipped("eval", [(s["path"], s["reason"]) for s in results["skipped_images"]])
+    if not distributed.is_writer():
+        return
     for path in evaluation.write_outputs(out_dir, results, per_class):
         print(f"wrote {path}")
     if cfg.adapt is not None:
@@ -271,7 +279,7 @@ def cmd_fit(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from dn2_jax import scoring
+    from dn2_jax import distributed, scoring
     from dn2_jax.detector import DetectorConfig
 
     if args.out is not None:
@@ -288,6 +296,8 @@ def cmd_score(args) -> None:
     source = _source(args, "test")
     _report_skipped("score", source.skipped)
     report = scoring.score_source(det, source)
+    if not distributed.is_writer():
+        return
     if args.out is not None:
         scoring.write_report(report, args.out, detector=str(args.detector))
         print(f"wrote {len(report.names)} scores to {args.out}")
@@ -338,6 +348,20 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
+def _run(args) -> None:
+    """Runs the command; embed, fit, score and eval first join a multi-process job if the process flags or a
+    cluster's environment say so (`dn2_jax.distributed`), and then only process 0 prints and writes outputs."""
+    from dn2_jax import distributed
+
+    if args.func in (cmd_eval, cmd_embed, cmd_fit, cmd_score) and distributed.initialize(
+            distributed.ProcessConfig(**given_settings(args, distributed.ProcessConfig))):
+        if not distributed.is_writer():
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                args.func(args)
+            return
+    args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dn2_jax.hostmem import keep_freed_memory
 
@@ -348,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     data_log.setLevel(logging.ERROR)  # the commands report skipped image files themselves (_report_skipped)
     try:
         args = parser.parse_args(argv)
-        args.func(args)
+        _run(args)
     except DN2Error as e:  # user mistakes: one line, no traceback
         print(f"dn2: error: {e}", file=sys.stderr)
         return 2

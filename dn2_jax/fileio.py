@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 import numpy as np
@@ -298,6 +299,24 @@ def _clean_orbax_tmp(directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _checkpointer() -> Iterator[ocp.Checkpointer]:
+    """A PyTree checkpointer. In a multi-process job (jax.distributed) every checkpoint dn2 writes is private to
+    one process (its part of a store, process 0's outputs), but Orbax coordinates each save across all processes
+    and writes host arrays from process 0 only: it is told that this process runs alone (index 0, no barriers)."""
+    if jax.process_count() == 1:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            yield ckptr
+        return
+    from orbax.checkpoint._src.multihost import multihost as ocp_multihost
+
+    alone = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+    with mock.patch.object(ocp_multihost, "process_index", return_value=0), ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone
+    ) as ckptr:
+        yield ckptr
+
+
 def save_tree(directory: str | os.PathLike, tree: Any, metadata: Mapping[str, Any]) -> Path:
     """Saves a pytree of host numpy arrays and JSON `metadata` as one Orbax checkpoint at `directory`.
 
@@ -308,7 +327,7 @@ def save_tree(directory: str | os.PathLike, tree: Any, metadata: Mapping[str, An
     directory = absolute(directory)
     tree = jax.tree.map(np.asarray, tree)
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             ckptr.save(directory, args=ocp.args.PyTreeSave(tree), custom_metadata=dict(metadata))
     except BaseException:
         _clean_orbax_tmp(directory)
@@ -327,7 +346,7 @@ def read_tree_metadata(directory: str | os.PathLike, what: str) -> tuple[dict[st
     if not directory.is_dir() or ocp.path.step.is_path_temporary(directory):
         raise DN2FileError(f"{what} is missing: '{directory}' does not exist.")
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             meta = ckptr.metadata(directory)
         shapes = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
@@ -354,7 +373,7 @@ def restore_tree(directory: str | os.PathLike, expected: Any, what: str) -> Any:
     directory = absolute(directory)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), expected)
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             out = ckptr.restore(
                 directory,
                 args=ocp.args.PyTreeRestore(item=expected, restore_args=restore_args, partial_restore=True),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dn2_jax import distributed
 from dn2_jax.data import IMAGE_EXTENSIONS, decode_image, load_dataset, open_images, take
 from dn2_jax.errors import DN2Error, DN2FileError
 from dn2_jax.fileio import atomic_write_text, make_parents
@@ -165,16 +166,21 @@ def check_new_output(path: str | os.PathLike, what: str, *, overwrite: bool = Fa
 
 def fit_detector(config, source: Source, out: str | os.PathLike | None = None, *, overwrite: bool = False):
     """A `Detector` with `config`, fitted to `source` (bank paths = its names, absolute for files), saved to
-    `out` if given (checked before the fit)."""
+    `out` if given (checked before the fit). In a multi-process job each process embeds its share of the images
+    and process 0 saves."""
     from dn2_jax.detector import Detector
 
     if out is not None:
         check_new_output(out, "--out", overwrite=overwrite)
     names = [os.path.abspath(n) if os.path.isfile(n) else n for n in source.names]
     det = Detector(config)
-    det.fit(source.store if source.store is not None else source.images, paths=names)
-    if out is not None:
+    if source.store is None and distributed.process_count() > 1:  # each process embeds its share
+        det.fit_features(distributed.embed_shares(lambda x: det.embed(x, raw=True), source.images), paths=names)
+    else:
+        det.fit(source.store if source.store is not None else source.images, paths=names)
+    if out is not None and distributed.is_writer():
         det.save(out, overwrite=overwrite)
+    distributed.barrier("dn2-fit-saved")
     return det
 
 
@@ -225,8 +231,12 @@ def _plain(x: Any) -> Any:
 
 
 def score_source(det, source: Source) -> ScoreReport:
-    """Scores, p-values, decisions and the k nearest bank images of every image of `source`."""
-    query = det.query(source.store if source.store is not None else source.images)
+    """Scores, p-values, decisions and the k nearest bank images of every image of `source` (in a multi-process
+    job each process embeds its share of the images; every process returns the whole report)."""
+    if source.store is None and distributed.process_count() > 1:  # each process embeds its share
+        query = det.query_features(distributed.embed_shares(lambda x: det.embed(x, raw=True), source.images))
+    else:
+        query = det.query(source.store if source.store is not None else source.images)
     return ScoreReport(list(source.names), query, det.config.k, det.config.fpr, det.threshold, source)
 
 

@@ -16,11 +16,11 @@ and every shard centres queries and rows on it, as :func:`dn2_jax.knn.knn` does 
 A :class:`ShardedBank` is a registered pytree (arrays as leaves, size/mesh/axis static), so it can be
 passed to jitted functions; inside a trace, value checks of queries and ``exclude`` are skipped.
 
-Multi-host: call :func:`initialize_distributed` (or ``jax.distributed.initialize``) first in every
-process, then :func:`shard_bank` with the rows *this process* holds (e.g. the embeddings of its
-``jax.process_index()`` slice of the dataset). Global row ids follow process order: process 0's rows,
-then process 1's, and so on. Every process calls :func:`sharded_knn` with the same queries and gets the
-same replicated result.
+Multi-host: call :func:`initialize_distributed` (or :func:`dn2_jax.distributed.initialize`, which the ``dn2``
+commands call from their process flags) first in every process, then :func:`shard_bank` with the rows *this
+process* holds (e.g. the embeddings of its :func:`dn2_jax.distributed.share` of the dataset). Global row ids
+follow process order: process 0's rows, then process 1's, and so on. Every process calls :func:`sharded_knn`
+with the same queries and gets the same replicated result.
 
 Leave-one-out (the unsupervised cleaning stage and thresholds at ImageNet scale):
 :func:`sharded_self_knn_score` scores every bank row against all other rows, streaming the bank's own rows

@@ -28,6 +28,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from dn2_jax.errors import DN2Error, DN2FileError
 FORMAT = "dn2-embedding-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PARTS = "parts.json"  # the manifest of a multi-part store (one part per process of a jax.distributed job)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _NUMPY_DTYPES = {**DTYPES, "int64": np.dtype(np.int64)}
 # Keys the store adds to the metadata; callers may not set them.
@@ -242,6 +244,8 @@ class EmbeddingStore:
         process_count, device_count (of the writer).
     """
 
+    manifest_file = MANIFEST
+
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
         self._manifest = manifest
@@ -381,6 +385,8 @@ def open_store(
       DN2Error: metadata that differs from `expect`; the message names both sides.
     """
     path = fileio.absolute(path)
+    if (path / PARTS).is_file() or (not (path / MANIFEST).is_file() and _part_counts(path)):
+        return _open_parts(path, expect, verify)
     manifest = _read_manifest(path)
     if not manifest["complete"]:
         meta = manifest["metadata"]
@@ -391,7 +397,12 @@ def open_store(
             "to resume."
         )
     _check_structure(path, manifest)
-    store = EmbeddingStore(path, manifest)
+    return _checked(EmbeddingStore(path, manifest), expect, verify)
+
+
+def _checked(store: EmbeddingStore, expect: Mapping[str, Any] | None, verify: bool) -> EmbeddingStore:
+    """`store` once its metadata matches `expect` (and, with `verify`, every array its sha256)."""
+    path = store.path
     if expect:
         meta = store.metadata
         if diffs := _differences(meta, expect, list(expect), "expected"):
@@ -488,7 +499,7 @@ def check_store_path(path: str | os.PathLike, what: str = "embedding store") -> 
       DN2FileError: a parent is a file, or the folder refuses new files (read-only, no permission).
     """
     path = fileio.check_writable(path, "dir", parents=True, what=what)
-    if path.is_dir() and not (path / MANIFEST).is_file() and not _only_temporaries(path):
+    if path.is_dir() and not (path / MANIFEST).is_file() and not _is_parts_dir(path):
         raise DN2Error(f"{what} '{path}' exists and is not an embedding store (no {MANIFEST}); refusing to write "
                        "into it. Choose another path.")
     return path
@@ -764,7 +775,7 @@ def save_threshold(
     value, k and fpr.
     """
     path = fileio.absolute(path)
-    open_store(path)
+    manifest_file = open_store(path).manifest_file
     if not (isinstance(k, int) and k >= 1):
         raise DN2Error(f"k must be a positive int, got {k!r}.")
     if not (math.isfinite(value) and 0.0 <= fpr <= 1.0):
@@ -774,8 +785,177 @@ def save_threshold(
         json.dumps(threshold, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise DN2Error(f"threshold extras must be JSON data: {e}.") from e
-    fileio.check_writable(path / MANIFEST, "file", what="the store's manifest")
+    fileio.check_writable(path / manifest_file, "file", what="the store's manifest")
     with fileio.writer_lock(path, timeout=lock_timeout):
         store = open_store(path)  # Again, under the lock: another writer may have replaced it.
-        fileio.atomic_write_json(store.path / MANIFEST, {**store._manifest, "threshold": threshold})
+        fileio.atomic_write_json(store.path / store.manifest_file, {**store._manifest, "threshold": threshold})
+    return open_store(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-part stores: one part per process of a jax.distributed job.
+#
+#   parts.json          the manifest of the whole (metadata, count, sha256 of all labels and ids), written by
+#                       process 0 once every part is complete; its chunks are the parts' chunks
+#   part-0-of-2/        process 0's share of the rows: a normal (resumable) store
+#   part-1-of-2/        process 1's share, the rows after process 0's
+#
+# open_store reads one as a single store: rows in global order (part 0's, then part 1's, ...).
+
+
+def part_name(index: int, count: int) -> str:
+    """The folder of process `index`'s part of a store written by `count` processes."""
+    return f"part-{index}-of-{count}"
+
+
+_PART = re.compile(r"part-(\d+)-of-(\d+)")
+
+
+def _part_counts(path: Path) -> set[int]:
+    """The process counts of the part folders in `path` (empty: none, or not a folder)."""
+    if not path.is_dir():
+        return set()
+    return {int(m.group(2)) for p in path.iterdir() if (m := _PART.fullmatch(p.name)) and p.is_dir()}
+
+
+def _is_parts_dir(path: Path) -> bool:
+    """Whether `path` holds a multi-part store (complete or not; its parts' writer locks while they are written)
+    or only a killed writer's temporaries."""
+    return all(fileio.is_temporary(p.name) or p.name == PARTS or _PART.fullmatch(p.name.removeprefix(".")
+               .removesuffix(".lock")) for p in path.iterdir())
+
+
+class PartedStore(EmbeddingStore):
+    """A complete multi-part store (one part per process of the job that wrote it), read as one store: ids,
+    labels and embeddings are the parts' in process order. `parts` are the parts as stores."""
+
+    manifest_file = PARTS
+
+    def __init__(self, path: Path, manifest: dict[str, Any], parts: list[EmbeddingStore]):
+        super().__init__(path, manifest)
+        self.parts = parts
+
+    def _load_index(self) -> dict[str, np.ndarray]:
+        if self._index is None:
+            index = {k: np.concatenate([getattr(p, k) for p in self.parts]) for k in ("labels", "ids")}
+            if {k: _sha256(v) for k, v in index.items()} != self._manifest["index_sha256"]:
+                raise DN2FileError(f"the parts of embedding store '{self.path}' do not hold the rows its {PARTS} "
+                                   "lists (sha256 of labels/ids differs). Re-create the store.")
+            self._index = index
+        return self._index
+
+    def iter_chunks(self, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        offset = 0
+        for part in self.parts:
+            for start, emb in part.iter_chunks(dtype):
+                yield offset + start, emb
+            offset += part.count
+
+
+def _open_parts(path: Path, expect: Mapping[str, Any] | None, verify: bool) -> PartedStore:
+    if not (path / PARTS).is_file():
+        counts = sorted(_part_counts(path))
+        raise IncompleteStoreError(
+            f"embedding store '{path}' is incomplete: its parts were being written by {counts[0]} processes "
+            f"({', '.join(f'part-*-of-{c}' for c in counts)}). Run the same command on {counts[0]} processes to "
+            "resume it.")
+    try:
+        manifest = json.loads((path / PARTS).read_text())
+        names, meta = manifest["parts"], manifest["metadata"]
+        if manifest.get("format") != FORMAT or not isinstance(names, list) or not isinstance(meta, dict):
+            raise ValueError("not a multi-part store manifest")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DN2FileError(f"the manifest '{path / PARTS}' is damaged: {e}.") from e
+    parts = [open_store(path / name) for name in names]
+    if sum(p.count for p in parts) != meta.get("count") or {p.dim for p in parts} != {meta.get("dim")}:
+        raise DN2FileError(f"the parts of embedding store '{path}' do not add up to its {PARTS} (count "
+                           f"{meta.get('count')}, dim {meta.get('dim')}). Re-create the store.")
+    return _checked(PartedStore(path, manifest, parts), expect, verify)
+
+
+def _complete_store_same(path: Path, manifest: Mapping[str, Any]) -> EmbeddingStore | None:
+    """The complete store at `path` (one part or several) if it holds the data `manifest` describes."""
+    if (path / PARTS).is_file():
+        theirs = _identity(_open_parts(path, None, False)._manifest)
+        mine = _identity(manifest)
+        return None if _differences(theirs, mine, sorted(set(mine) | set(theirs)), "") else open_store(path)
+    return _complete_same(path, manifest)
+
+
+def _check_resumable(path: Path, manifest: Mapping[str, Any], processes: int) -> None:
+    """Refuses, before any work, a store at `path` that `processes` processes cannot write: one of other data,
+    or one begun by another number of processes."""
+    if (path / PARTS).is_file() or ((path / MANIFEST).is_file() and processes > 1):
+        existing = _open_parts(path, None, False)._manifest if (path / PARTS).is_file() else _read_manifest(path)
+        mine, theirs = _identity(manifest), _identity(existing)
+        if diffs := _differences(theirs, mine, sorted(set(mine) | set(theirs)), "this run has"):
+            raise DN2Error(f"'{path}' already holds an embedding store for other data or another model: {diffs}. "
+                           "Use another path, or delete it to re-embed.")
+        raise DN2Error(f"embedding store '{path}' was begun by 1 process and is incomplete; resume it with 1 "
+                       f"process (this run has {processes}), or delete it to start again.")
+    if others := sorted(_part_counts(path) - {processes if processes > 1 else -1}):
+        raise DN2Error(f"embedding store '{path}' was begun by {others[0]} processes ({part_name(0, others[0])}, "
+                       f"...) and is incomplete; resume it with {others[0]} processes (this run has {processes}), "
+                       "or delete it to start again.")
+
+
+def extract_parts(
+    path: str | os.PathLike,
+    images: Sequence[Any] | np.ndarray,
+    embed_fn: Callable[[np.ndarray], Any],
+    *,
+    metadata: Mapping[str, Any],
+    labels: Any = None,
+    ids: Any = None,
+    indices: Any = None,
+    chunk_size: int = 4096,
+    batch_size: int = 256,
+    dtype: str = "float32",
+    progress: bool = True,
+    lock_timeout: float | None = None,
+) -> EmbeddingStore:
+    """`extract_to_store` over every process of a jax.distributed job (call it in all of them, with the same
+    arguments): process p embeds its share of `images` (`dn2_jax.distributed.share_bounds`) into its own part,
+    ``path/part-<p>-of-<P>/`` (a normal resumable store), and process 0 writes ``path/parts.json`` once every part
+    is complete. Returns the whole store on every process (`open_store`: rows in the global order).
+
+    A single process writes a normal store (`extract_to_store`). A complete store for the same data is
+    returned as is, whichever number of processes wrote it.
+
+    Raises:
+      DN2Error: as `extract_to_store`; also an incomplete store begun by another number of processes (resume it
+        with that number), or fewer images than processes.
+    """
+    from dn2_jax import distributed
+
+    path = fileio.absolute(path)
+    indices = np.arange(len(images), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+    count = len(indices)
+    _validate_extraction(count, chunk_size, batch_size, dtype)
+    labels, ids = _index_arrays(count, labels, ids)
+    manifest = _new_manifest(metadata, count, chunk_size, dtype, labels, ids)
+    if (done := _complete_store_same(path, manifest)) is not None:
+        return done
+    n_proc, me = distributed.process_count(), distributed.process_index()
+    check_store_path(path)
+    _check_resumable(path, manifest, n_proc)
+    if n_proc == 1:
+        return extract_to_store(path, images, embed_fn, metadata=metadata, labels=labels, ids=ids,
+                                indices=indices, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
+                                progress=progress, lock_timeout=lock_timeout)
+    if count < n_proc:
+        raise DN2Error(f"{count} images cannot be shared by {n_proc} processes; run fewer processes.")
+    a, b = distributed.share_bounds(count)
+    extract_to_store(path / part_name(me, n_proc), images, embed_fn, metadata=metadata, labels=labels[a:b],
+                     ids=ids[a:b], indices=indices[a:b], chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
+                     progress=progress, lock_timeout=lock_timeout)
+    distributed.barrier("dn2-store-parts-written")
+    if distributed.is_writer():
+        names = [part_name(p, n_proc) for p in range(n_proc)]
+        dims = {open_store(path / name).dim for name in names}
+        if len(dims) != 1:
+            raise DN2FileError(f"the parts of '{path}' have different dims {sorted(dims)}; re-create the store.")
+        whole = {**manifest, "complete": True, "parts": names, "metadata": {**manifest["metadata"], "dim": dims.pop()}}
+        fileio.atomic_write_json(path / PARTS, whole)
+    distributed.barrier("dn2-store-parts-committed")
     return open_store(path)

@@ -274,30 +274,3 @@ def test_gpu_check_tiny_mode(tmp_path):
     assert r["knn"]["approx_recall_vs_exact"] == 1.0  # approx_min_k is exact off TPU
     (run,) = r["embed"]["runs"]
     assert run["backbone"] == "efficientnet_lite0" and run["batch"] == 2 and run["images_per_s"] > 0
-
-
-def test_multihost_eval_two_processes_match_single(tmp_path):
-    """scripts/multihost_eval.py: 2 processes on loopback (each embeds half, bank sharded over both) give the
-    same per-class ROC-AUC as --single (tiny subsets of Fashion-MNIST, random weights, 32x32 inputs)."""
-    script = Path(__file__).parents[1] / "scripts" / "multihost_eval.py"
-    common = ["--weights", "random", "--input-size", "32", "--batch-size", "8", "--classes", "0,7",
-              "--bank-size", "24", "--test-size", "40"]
-
-    def launch(out, *extra, devices=1):
-        return subprocess.Popen([sys.executable, str(script), *common, "--out", str(out), *extra], env=_env(devices),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    port = _free_port()
-    procs = [launch(tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                    "--process-id", str(p), devices=2) for p in range(2)]
-    procs.append(launch(tmp_path / "single", "--single"))
-    _wait_all(procs, timeout=600)
-    multi = json.loads((tmp_path / "multi" / "results.json").read_text())
-    single = json.loads((tmp_path / "single" / "results.json").read_text())
-    assert (multi["process_count"], multi["device_count"], single["process_count"]) == (2, 4, 1)
-    # The results.json schema of `dn2 eval` (dn2_jax.evaluation.results_dict), plus the launch's facts.
-    assert multi["normalize"] and list(multi["per_class"]) == ["T-shirt/top", "Sneaker"]
-    assert multi["settings"]["bank_size_per_class"] == {"T-shirt/top": 24, "Sneaker": 24}
-    assert multi["settings"]["n_test"]["T-shirt/top"] == 40
-    for name, auc in multi["per_class"].items():
-        assert auc == pytest.approx(single["per_class"][name], abs=1e-6) and 0.0 <= auc <= 1.0

@@ -62,12 +62,14 @@ class FeatureExtractor:
         return {**meta, **extra}
 
     def to_store(self, path: str | os.PathLike, ds: Dataset, indices: np.ndarray, *, chunk_size: int = 4096,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, parts: bool = False):
         """Embeds ``ds.images[indices]`` into a resumable store at `path` (ids = the dataset indices); returns it.
 
         Rows are ordered by image shape (one shape per batch), so the store's ids give each row's image. The
         images are streamed (`dn2_jax.pipeline.batches`): decoded in reader threads a few batches ahead, never
         all in memory.
+        With `parts`, every process of a multi-process job embeds its share into its part of the store
+        (`dn2_jax.store.extract_parts`; call it in all processes).
         """
         from dn2_jax import store
 
@@ -76,9 +78,10 @@ class FeatureExtractor:
             raise DN2Error(f"no images to embed from {ds.name} ({ds.split})")
         meta = dict(metadata) if metadata is not None else self.metadata(ds)
         order = order_by_shape(ds.images, indices)
-        return store.extract_to_store(Path(path).absolute(), ds.images, self.embed, metadata=meta,
-                                      labels=ds.labels[order], ids=order, indices=order, chunk_size=chunk_size,
-                                      batch_size=self.batch_size)
+        extract = store.extract_parts if parts else store.extract_to_store
+        return extract(Path(path).absolute(), ds.images, self.embed, metadata=meta, labels=ds.labels[order],
+                       ids=order, indices=order, chunk_size=chunk_size,
+                       batch_size=self.batch_size)
 
     def __call__(self, ds: Dataset, indices: np.ndarray) -> np.ndarray:
         """(len(indices), D) float32 raw features of ``ds.images[indices]``, in that order (cached if configured)."""
@@ -131,7 +134,8 @@ def embed_split(path: str | os.PathLike, config, dataset: str, split: str, *, da
     """Embeds a dataset split (only class `class_` if given) into a resumable store at `path` with the
     features of a detector with `config` (a `DetectorConfig`); returns the store (what `dn2 embed` does).
     on_error: "raise" (stop at the first undecodable image file, naming it) or "skip" (leave such files out,
-    see `dn2_jax.data.load_dataset`; the store's metadata lists them under "skipped")."""
+    see `dn2_jax.data.load_dataset`; the store's metadata lists them under "skipped"). In a multi-process job
+    each process embeds its share into its part of the store (`dn2_jax.store.extract_parts`)."""
     from dn2_jax.data import load_dataset
     from dn2_jax.detector import Detector
 
@@ -144,4 +148,4 @@ def embed_split(path: str | os.PathLike, config, dataset: str, split: str, *, da
     extract = FeatureExtractor(Detector(config))
     meta = extract.metadata(ds, **{"class": class_, "input_size": config.input_size},
                             skipped=[{"path": path, "reason": reason} for path, reason in ds.skipped])
-    return extract.to_store(path, ds, idx, chunk_size=chunk_size, metadata=meta)
+    return extract.to_store(path, ds, idx, chunk_size=chunk_size, metadata=meta, parts=True)

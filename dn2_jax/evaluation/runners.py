@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from dn2_jax import protocols
+from dn2_jax import distributed, protocols
 from dn2_jax.cleaning import MIN_ESTIMATE_ROWS, resolve_rule
 from dn2_jax.data import Dataset, load_dataset, one_size
 from dn2_jax.errors import DN2Error
@@ -53,13 +53,17 @@ def _check_k_fits(k: int, bank: int, what: str) -> None:
 
 
 def _embedder(extract: FeatureExtractor, log: _Log, ds: Dataset, index_sets,
-              normalize: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+              normalize: bool = False, gather: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """Embeds the union of `index_sets` of `ds` once (timed); returns a lookup indices (any shape) -> features
-    (raw, or L2-normalised with `normalize`)."""
+    (raw, or L2-normalised with `normalize`). In a multi-process job each process embeds its share of the union
+    and, with `gather`, every process gets all features (without: `index_sets` are this process's own)."""
     pool = np.unique(np.concatenate([np.ravel(s) for s in index_sets]))
     log.print(f"  embedding {len(pool)} {ds.split} images")
     t0 = time.perf_counter()
-    feats = extract(ds, pool)
+    if gather and distributed.process_count() > 1:
+        feats = distributed.gather_rows(extract(ds, distributed.share(pool)), len(pool))
+    else:
+        feats = extract(ds, pool)
     if normalize:
         feats = np.asarray(l2_normalize(feats))
     log.timing("embed_s", time.perf_counter() - t0)
@@ -124,10 +128,29 @@ def one_class_splits(cfg: EvalConfig, train: Dataset, test: Dataset,
     return {train.class_names[c]: protocols.one_class(train.labels, test.labels, c, **kw) for c in classes}
 
 
+def _sharded_score(cfg: EvalConfig, bank_share: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """DN2 scores (float64) of raw `queries` (the same on every process) against the bank whose rows this process
+    holds `bank_share` of, sharded over the devices of all processes (`dn2_jax.sharding`): what `_score` gives on
+    the whole bank in one process."""
+    from dn2_jax.sharding import shard_bank, sharded_knn_score
+
+    prepare = (lambda x: np.asarray(l2_normalize(x), np.float32)) if cfg.normalize else (lambda x: x)
+    return np.asarray(sharded_knn_score(prepare(queries), shard_bank(prepare(bank_share)), cfg.k), np.float64)
+
+
 def _run_semi(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
     splits = one_class_splits(cfg, train, test, classes)
     for c, split in splits.items():
         _check_k_fits(cfg.k, len(split.bank), f"of class '{c}'")
+    if distributed.process_count() > 1 and min(len(s.bank) for s in splits.values()) >= distributed.process_count():
+        # Each process embeds its share of every bank; queries are gathered, banks are sharded.
+        shares = {c: distributed.share(s.bank) for c, s in splits.items()}
+        train_of = _embedder(extract, log, train, list(shares.values()), gather=False)
+        test_of = _embedder(extract, log, test, [s.test for s in splits.values()])
+        for c, split in splits.items():
+            scores = _sharded_score(cfg, train_of(shares[c]), test_of(split.test))
+            yield ClassResult(c, _auc(scores, split.test_anomaly), scores, split.test_anomaly, len(split.bank))
+        return
     train_of = _embedder(extract, log, train, [s.bank for s in splits.values()])
     test_of = _embedder(extract, log, test, [s.test for s in splits.values()])
     for c, split in splits.items():
