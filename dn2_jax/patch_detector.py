@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,14 @@ class PatchDetector(Detector):
         """The jitted `dn2_jax.patch.PatchFn`: uint8 images (B, H, W[, C]) -> (B, grid, grid, D) float32."""
         return self._pipe().embed_fn
 
+    def share_features(self, other: PatchDetector) -> PatchDetector:
+        """Uses `other`'s patch function (its loaded backbone and compiled code); the configs must be equal.
+        Returns self."""
+        if not isinstance(other, PatchDetector) or other.config != self.config:
+            raise DN2Error("share_features needs a patch-level detector with the same config")
+        self._pipeline = other._pipe()
+        return self
+
     @property
     def images(self) -> int:
         """Training images the bank was built from."""
@@ -125,16 +134,17 @@ class PatchDetector(Detector):
 
     def embed(self, images: Any, *, raw: bool = False) -> np.ndarray:
         """(N, grid, grid, D) float32 patch features of uint8 images (array, list of one size or Dataset)."""
-        images = self._check_images(images)[0]
+        images = self.check_images(images)[0]
         if not isinstance(images, np.ndarray):
             images = np.stack(images) if len({im.shape for im in images}) == 1 else None
             if images is None:
                 raise DN2Error("embed needs images of one size at level 'patch'; score mixed sizes with score()")
         return self.patch_fn(images)
 
-    def _check_images(self, x: Any, paths: Any = None) -> tuple[Any, list[str] | None]:
-        """(images: uint8 array or list of arrays, paths) of `x`, validated: non-empty, uint8, each at least as
-        large as the patch grid."""
+    def check_images(self, x: Any, paths: Any = None) -> tuple[Any, list[str] | None]:
+        """(images: a uint8 array or list of arrays, paths) of `x` (images, a list or a Dataset), validated
+        before any work: non-empty, uint8, each image at least as large as the patch grid (else DN2Error naming
+        the first image too small, by its path where given)."""
         if isinstance(x, Dataset):
             paths = list(x.paths) if paths is None and x.paths is not None else paths
             x = x.images
@@ -195,7 +205,7 @@ class PatchDetector(Detector):
         Returns self."""
         if ids is not None:
             raise DN2Error("ids do not apply at level 'patch' (bank patches are named by their image); pass paths")
-        images, paths = self._check_images(x, paths)
+        images, paths = self.check_images(x, paths)
         n = len(images)
         paths = None if paths is None else _check_paths(paths, n)
         if n < 2:
@@ -315,14 +325,15 @@ class PatchDetector(Detector):
     # ------------------------------------------------------------------------------------------ scoring
 
     def query_maps(self, images: Any, k: int | None = None, *,
-                   on_maps: Callable[[np.ndarray, np.ndarray], None] | None = None) -> tuple[Query, PatchResult]:
+                   on_maps: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
+                   ) -> tuple[Query, PatchResult]:
         """One pass over `images`: (`Query` (image scores, p-values, decisions, the training images of the k
         bank patches nearest to each image's worst patch), `PatchResult` (image scores, patch scores (M, g, g),
-        anomaly maps (M, crop, crop) in the model's input frame)). With `on_maps(indices, maps)` the maps of
-        each chunk of images go there instead (PatchResult.maps is then empty (0, crop, crop)), so memory
+        anomaly maps (M, crop, crop) in the model's input frame)). With `on_maps(indices, maps, image scores)`
+        the maps of each chunk of images go there instead (PatchResult.maps is then empty (0, crop, crop)), so memory
         holds one chunk of maps."""
         k = self._check_k(k)
-        images, _ = self._check_images(images)
+        images, _ = self.check_images(images)
         m, g, crop = len(images), self.patch_fn.grid, self.patch_fn.preset.crop
         bank, norms = self._bank_device
         img = np.empty(m, np.float32)
@@ -342,7 +353,7 @@ class PatchDetector(Detector):
             nb_d[idx], nb_i[idx] = np.asarray(d, np.float32), np.asarray(i, np.int64)
             chunk_maps = anomaly_maps(s, crop, self._pcfg.sigma)
             if on_maps is not None:
-                on_maps(idx, chunk_maps)
+                on_maps(idx, chunk_maps, img[idx])
             else:
                 maps[idx] = chunk_maps
         owners = self._ids[nb_i]
@@ -353,7 +364,7 @@ class PatchDetector(Detector):
 
     def query(self, images: Any, k: int | None = None) -> Query:
         """Scores, p-values, decisions and the k nearest training images (by the worst patch) of `images`."""
-        return self.query_maps(images, k, on_maps=lambda idx, maps: None)[0]
+        return self.query_maps(images, k, on_maps=lambda *chunk: None)[0]
 
     def score(self, images: Any) -> np.ndarray:
         """(M,) float32 image scores (Euclidean feature units), higher = more anomalous."""
@@ -407,3 +418,76 @@ def _gather_rows(chunks: Iterator[tuple[np.ndarray, np.ndarray]], rows: np.ndarr
 
 
 __all__ = ["PatchDetector"]
+
+
+def map_names(names: Sequence[str]) -> list[str]:
+    """PNG file names of `dn2 score --maps`, one per image name: ``<index>_<parent>_<stem>.png`` (an index
+    keeps them unique and in input order; characters other than letters, digits, '-' and '.' become '_')."""
+    width = max(4, len(str(len(names) - 1)))
+    out = []
+    for i, name in enumerate(names):
+        p = Path(str(name))
+        tail = f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem
+        safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in tail)[-60:]
+        out.append(f"{i:0{width}d}_{safe}.png")
+    return out
+
+
+def score_with_maps(det: PatchDetector, source: Any, out_dir: str | os.PathLike) -> Any:
+    """`dn2_jax.scoring.score_source` for a patch-level detector that also writes one heat-map overlay PNG per
+    image (`map_names`) into the new directory `out_dir`: the image in the model's input frame with its anomaly
+    map on a colour scale fixed by the detector (0 to twice its threshold: the threshold is mid-scale), titled
+    with the score. The PNGs are written to a temporary sibling and published together. Returns the report."""
+    from dn2_jax import fileio
+    from dn2_jax.patch import save_overlays, to_model_frame
+    from dn2_jax.scoring import ScoreReport
+
+    if not isinstance(det, PatchDetector):
+        raise DN2Error("--maps needs a patch-level detector (dn2 fit --level patch)")
+    if source.images is None:
+        raise DN2Error("--maps needs the images themselves (--images or --dataset), not a store of features")
+    out = fileio.check_writable(out_dir, "dir", overwrite=False, parents=True, what="--maps")
+    images, _ = det.check_images(source.images)
+    files = map_names(source.names)
+    hi = 2.0 * det.threshold
+    fileio.make_parents(out)
+    tmp = fileio.temporary_dir(out)
+
+    def write(idx: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> None:
+        frames = np.stack([to_model_frame(np.asarray(images[i])[None], det.patch_fn.preset)[0] for i in idx])
+        titles = [f"{_short(Path(str(source.names[i])).name)}: {s:.3g}" for i, s in zip(idx, scores, strict=True)]
+        save_overlays(frames, maps, [tmp / files[i] for i in idx], vmin=0.0, vmax=hi, titles=titles)
+
+    try:
+        query, _ = det.query_maps(images, on_maps=write)
+        if out.is_dir():
+            out.rmdir()  # empty (check_writable), replaced by the finished folder
+        fileio.publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ScoreReport(list(source.names), query, det.config.k, det.config.fpr, det.threshold, source)
+
+
+def _short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def fit_patch_detector(config: DetectorConfig, source: Any, out: str | os.PathLike, *,
+                       overwrite: bool = False) -> PatchDetector:
+    """`dn2 fit --level patch`: a patch-level detector fitted to a `dn2_jax.scoring.Source` (names kept as the
+    training image paths, absolute for files) and saved to `out`. The training patch features go to a hidden
+    store beside `out` (``.<name>.patches``): a killed fit resumes from it, and it is removed once `out` is
+    written (images of mixed sizes are kept in memory instead)."""
+    from dn2_jax.scoring import check_new_output
+
+    check_new_output(out, "--out", overwrite=overwrite)
+    out = Path(out).absolute()
+    det = Detector(config)
+    names = [os.path.abspath(n) if os.path.isfile(n) else n for n in source.names]
+    images, _ = det.check_images(source.images, names)
+    store = out.parent / f".{out.name}.patches" if isinstance(images, np.ndarray) else None
+    det.fit(images, paths=names, patch_store=store)
+    det.save(out, overwrite=overwrite)
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
+    return det
