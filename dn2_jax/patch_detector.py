@@ -222,8 +222,8 @@ class PatchDetector(Detector):
 
             def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
                 yield np.arange(n), patches
-        if n * per_image * dim * 4 <= MEMORY_BYTES:
-            flat = np.concatenate([c for _, c in chunks()]).reshape(-1, dim)
+        if patch_store is None or n * per_image * dim * 4 <= MEMORY_BYTES:
+            flat = (patches if patch_store is None else np.concatenate([c for _, c in chunks()])).reshape(-1, dim)
             rows = coreset_rows(flat, self._pcfg)
             bank = flat[rows]
             del flat
@@ -272,7 +272,8 @@ class PatchDetector(Detector):
 
     def _loo_scores(self, patches: np.ndarray, owners: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
         """Image scores of training images `image_ids` with patches (b, g, g, D) against the bank without the
-        patches of the same image."""
+        patches of the same image (the k nearest among the others: k + the most rows one image owns are
+        searched, the image's own dropped). PatchCore's re-weighting uses the whole bank."""
         b, g, _, dim = patches.shape
         k = self.config.k
         extra = int(np.bincount(owners[0]).max())

@@ -90,7 +90,8 @@ def test_fit_and_score_maps_write_one_png_per_image_with_the_eval_scores(capsys,
 
 
 @pytest.mark.slow
-def test_patch_detector_store_save_load_and_leave_one_image_out(tmp_path, synthetic, library):
+def test_patch_detector_store_save_load_and_leave_one_image_out(tmp_path, monkeypatch, synthetic, library):
+    from dn2_jax import patch_detector
     from dn2_jax.data import load_mvtec
     from dn2_jax.detector import Detector
     from dn2_jax.patch_detector import PatchDetector
@@ -109,6 +110,12 @@ def test_patch_detector_store_save_load_and_leave_one_image_out(tmp_path, synthe
     d = ((patches[:, None, :] - bank[None, ~own]) ** 2).sum(-1)
     brute = np.sqrt(np.sort(d, axis=1)[:, :2].mean(1)).max()
     assert det.calibration_scores[0] == pytest.approx(brute, rel=1e-4)
+    # a bank over MEMORY_BYTES is selected by the streamed coreset over the store's chunks and gathered from
+    # them; with oversample * fraction >= 1 (here 4 * 0.5) the stream keeps every row, so the banks are equal
+    monkeypatch.setattr(patch_detector, "MEMORY_BYTES", 0)
+    streamed = Detector(**cfg).share_features(det).fit(train.images, patch_store=tmp_path / "patches")
+    np.testing.assert_array_equal(streamed.bank, det.bank)
+    np.testing.assert_array_equal(streamed.bank_ids, det.bank_ids)
     det.save(tmp_path / "det")
     back = Detector.load(tmp_path / "det")
     assert isinstance(back, PatchDetector) and back.threshold == det.threshold

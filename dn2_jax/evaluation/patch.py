@@ -37,7 +37,7 @@ def _subset(images: Any, idx: np.ndarray) -> Any:
     return images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]
 
 
-def test_masks(cfg: EvalConfig, test: Dataset, printer=print) -> list[np.ndarray] | None:
+def ground_truth_masks(cfg: EvalConfig, test: Dataset, printer=print) -> list[np.ndarray] | None:
     """The ground-truth masks (bool (H, W) each) of an MVTec-style test split, or None (not an MVTec folder, or
     one without a ground_truth/ folder: image metrics only, said through `printer`). A missing or mis-sized
     mask raises, naming the file."""
@@ -69,7 +69,7 @@ def _patch_store(cfg: EvalConfig, extract, ds: Dataset, idx: np.ndarray) -> Path
 def run_patch(cfg: EvalConfig, train: Dataset, test: Dataset, splits: dict, extract, log) -> Iterator[ClassResult]:
     """Fits and scores one patch-level detector per split (class name -> protocols.OneClassSplit); yields
     ClassResults with ``extra`` pixel_auc / aupro where masks exist and ``maps`` (the maps.png panel data)."""
-    masks = test_masks(cfg, test, log.print)
+    masks = ground_truth_masks(cfg, test, log.print)
     template = extract.detector  # its patch function (and compiled code) is shared by every class's detector
     names = test.defect_types
     for split in splits.values():  # every image checked before any work
