@@ -39,6 +39,13 @@ def _classes(text: str) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"must be 'all' or comma-separated class indices, got '{text}'") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names, got '{text}'")
+    return names
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -61,7 +68,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ..
         if kind is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             continue
-        if typing.get_origin(kind) is tuple:
+        if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
+            kw["type"], kw["metavar"] = _names, "NAME,NAME,..."
+        elif typing.get_origin(kind) is tuple:
             kw["type"], kw["metavar"] = _classes, "C,C,..."
         else:
             kw["type"] = kind
@@ -176,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, DetectorConfig, names=("k", "fpr", "weights", "batch_size"), default="the detector's")
     p.add_argument("--out", help="write the report here: .json or .csv (default: print)")
     p.add_argument("--gallery", help="PNG: the most anomalous images beside their nearest normal images")
+    p.add_argument("--maps", help="a new directory: one heat-map overlay PNG per image (patch-level detectors: "
+                   "dn2 fit --level patch)")
     p.add_argument("--top", type=int, default=argparse.SUPPRESS, help="rows of --gallery (default: 8)")
     add_config_flags(p, ProcessConfig)
     p.set_defaults(func=cmd_score)
@@ -221,6 +232,7 @@ def cmd_eval(args) -> None:
     if given.get("dataset", "").startswith("mvtec:"):
         _refuse(given, ("classes", "bank_size", "test_size"), "do not apply to an MVTec-style folder (its "
                 "train/good is the bank and every test image is scored)")
+    _check_level(given)
     pool = given.get("group_pool", evaluation.EvalConfig.group_pool)
     if "prototypes" in given and "hist" not in pool.split("+"):
         raise DN2Error(f"--prototypes applies to a --group-pool with 'hist', not --group-pool {pool}")
@@ -237,11 +249,26 @@ def cmd_eval(args) -> None:
         return
     for path in evaluation.write_outputs(out_dir, results, per_class):
         print(f"wrote {path}")
+    if cfg.level == "patch":
+        from dn2_jax.evaluation.patch import write_maps
+
+        for path in write_maps(out_dir, per_class):
+            print(f"wrote {path}")
     if cfg.adapt is not None:
         from dn2_jax.adapt import plot_history
         from dn2_jax.evaluation.adapted import histories
 
         print(f"wrote {plot_history(histories(results), out_dir / 'adaptation.png')}")
+
+
+def _check_level(given: dict[str, Any]) -> None:
+    """Patch settings only with --level patch; image-level settings (normalisation, cleaning) not with it."""
+    from dn2_jax.detector import CLEAN_OPTIONS, PATCH_OPTIONS
+
+    if given.get("level", "image") == "patch":
+        _refuse(given, ("normalize", "clean", *CLEAN_OPTIONS), "applies to --level image only")
+    else:
+        _refuse(given, PATCH_OPTIONS, "applies to --level patch only")
 
 
 def cmd_embed(args) -> None:
@@ -263,6 +290,9 @@ def cmd_fit(args) -> None:
     from dn2_jax.detector import DetectorConfig
 
     given = given_settings(args, DetectorConfig)
+    _check_level(given)
+    if args.store is not None and given.get("level") == "patch":
+        raise DN2Error("--level patch needs the images (--images or --dataset); --store holds image features")
     if args.store is not None:
         config = scoring.store_config(args.store, **given)
     else:
@@ -270,6 +300,15 @@ def cmd_fit(args) -> None:
     scoring.check_new_output(args.out, "--out", overwrite=args.overwrite)
     source = _source(args, "train")
     _report_skipped("fit", source.skipped)
+    if config.level == "patch":
+        from dn2_jax.patch_detector import fit_patch_detector
+
+        det = fit_patch_detector(config, source, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}: patch bank of {det.bank_size} patches from {det.images} normal images "
+              f"({det.patch_fn.grid}x{det.patch_fn.grid} patches of {det.patch_fn.feature_dim} dims each, layers "
+              f"{','.join(det.patch_fn.layers)}), k={det.config.k}, threshold {det.threshold:.6g} (target FPR "
+              f"{det.config.fpr})")
+        return
     det = scoring.fit_detector(config, source, args.out, overwrite=args.overwrite)
     cleaned = "" if det.config.clean == "none" else f" (cleaning '{det.config.clean}' kept {det.bank_size} of " \
         f"{len(source)})"
@@ -290,12 +329,28 @@ def cmd_score(args) -> None:
         raise DN2Error("--top only applies with --gallery")
     if args.gallery is not None and args.queries is not None:
         raise DN2Error("--gallery needs the images themselves (--images or --dataset), not --queries")
+    if args.maps is not None:
+        from dn2_jax.detector import Detector
+        from dn2_jax.fileio import check_writable
+
+        if Detector.saved_config(args.detector).level != "patch":
+            raise DN2Error(f"--maps needs a patch-level detector (dn2 fit --level patch); '{args.detector}' scores "
+                           "whole images")
+        if args.queries is not None:
+            raise DN2Error("--maps needs the images themselves (--images or --dataset), not --queries")
+        check_writable(args.maps, "dir", overwrite=False, parents=True, what="--maps")
     det, note = scoring.load_detector(args.detector, **given_settings(args, DetectorConfig))
     if note:
         print(f"dn2 score: {note}", file=sys.stderr)
     source = _source(args, "test")
     _report_skipped("score", source.skipped)
-    report = scoring.score_source(det, source)
+    if args.maps is not None:
+        from dn2_jax.patch_detector import score_with_maps
+
+        report = score_with_maps(det, source, args.maps)
+        print(f"wrote {len(report.names)} maps to {args.maps}")
+    else:
+        report = scoring.score_source(det, source)
     if not distributed.is_writer():
         return
     if args.out is not None:

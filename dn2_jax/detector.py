@@ -37,6 +37,7 @@ import numpy as np
 from dn2_jax import cleaning, knn, pipeline
 from dn2_jax.data import Dataset
 from dn2_jax.errors import DN2Error, DN2FileError
+from dn2_jax.patch import REDUCTIONS
 from dn2_jax.preprocessing import check_images
 
 PIXELS = "pixels"  # raw-pixel baseline: the image itself, flattened, in [0, 1], through the same kNN path.
@@ -45,6 +46,7 @@ FORMAT = "dn2-detector"
 FORMAT_VERSION = 2  # 2: clean_rounds, rule defaults for clean_k/clean_fraction, the contamination estimate
 _READABLE_VERSIONS = (1, 2)
 MANIFEST = "detector.json"
+LEVELS = ("image", "patch")
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
@@ -93,6 +95,22 @@ class DetectorConfig:
                                       "the rule's)")
     fpr: float = _field(0.05, "target false-positive rate of predict(), in (0, 1)")
     batch_size: int = _field(64, "images per backbone step")
+    level: str = _field("image", "image: one DN2 score per image; patch: patch-level kNN (SPADE / PatchCore) "
+                        "with an anomaly map per image (`dn2 score --maps`)", choices=LEVELS)
+    layers: tuple[str, ...] | None = _field(None, "level patch: backbone feature maps whose patches are compared, "
+                                            "e.g. stage3,stage5 (default: the backbone's, e.g. stage3,stage5 for "
+                                            "EfficientNet-Lite)")
+    pool: int | None = _field(None, "level patch: each patch feature is averaged over its pool x pool "
+                              "neighbourhood, odd (default: 3)")
+    proj_dim: int | None = _field(None, "level patch: random projection of the patch features to this many dims "
+                                  "(default: none)")
+    coreset: float | None = _field(None, "level patch: fraction of the training patches the greedy k-center "
+                                   "coreset keeps in the bank, in (0, 1] (default: 0.1; 1 = all)")
+    reduce: str | None = _field(None, "level patch: image score from its patch scores: max, topk_mean (mean of "
+                                "the 10 largest) or patchcore (re-weighted max) (default: max)",
+                                choices=REDUCTIONS)
+    sigma: float | None = _field(None, "level patch: Gaussian smoothing of the anomaly maps, in input pixels, 0 "
+                                 "= none (default: 4)")
 
     def __post_init__(self) -> None:
         def is_int(v: Any) -> bool:
@@ -140,6 +158,47 @@ class DetectorConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "normalize", bool(self.normalize))
+        self._check_level()
+
+    def _check_level(self) -> None:
+        if self.level not in LEVELS:
+            raise DN2Error(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        given = [n for n in PATCH_OPTIONS if getattr(self, n) is not None]
+        if self.level == "image":
+            if given:
+                raise DN2Error(f"{', '.join(given)} only apply with level='patch' (--level patch)")
+            return
+        if self.backbone == PIXELS:
+            raise DN2Error("level 'patch' needs a network backbone (patch features of its layers); the 'pixels' "
+                           "baseline has none")
+        if self.clean != "none":
+            raise DN2Error(f"clean={self.clean!r}: cleaning applies to level 'image' only; a patch-level bank is "
+                           "fitted to normal images")
+        if self.layers is not None:
+            layers = [self.layers] if isinstance(self.layers, str) else self.layers
+            if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(x, str) and x
+                                                                             for x in layers):
+                raise DN2Error(f"layers must be a non-empty list of feature map names, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(layers))
+        for name in ("coreset", "sigma"):
+            if getattr(self, name) is not None:
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                    raise DN2Error(f"{name} must be a number, got {value!r}")
+                object.__setattr__(self, name, float(value))
+        for name in ("pool", "proj_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+                raise DN2Error(f"{name} must be None or an int, got {value!r}")
+        self.patch_config()  # ranges: pool odd, coreset in (0, 1], proj_dim and sigma, reduce
+
+    def patch_config(self):
+        """The `dn2_jax.patch.PatchConfig` of a level-'patch' config (None fields at the library defaults; `k`
+        nearest bank patches; `input_size`)."""
+        from dn2_jax.patch import PatchConfig
+
+        kw = {n: getattr(self, n) for n in PATCH_OPTIONS if getattr(self, n) is not None}
+        return PatchConfig(**kw, k=self.k, input_size=self.input_size)
 
     def replace(self, **changes: Any) -> DetectorConfig:
         """A copy with `changes` (validated); unknown names raise DN2Error listing the fields."""
@@ -165,6 +224,7 @@ class DetectorConfig:
 
 
 CLEAN_OPTIONS = ("clean_k", "clean_fraction", "clean_rounds")
+PATCH_OPTIONS = ("layers", "pool", "proj_dim", "coreset", "reduce", "sigma")
 
 
 def _check_field_names(names: Any) -> None:
@@ -240,6 +300,14 @@ class Detector:
     match this detector's. Scores are float32 in squared feature units (of L2-normalised features when
     `normalize`), higher = more anomalous.
     """
+
+    def __new__(cls, config: DetectorConfig | None = None, **overrides: Any):
+        """A level-'patch' config makes a `dn2_jax.patch_detector.PatchDetector` (a Detector subclass)."""
+        if cls is Detector and overrides.get("level", getattr(config, "level", "image")) == "patch":
+            from dn2_jax.patch_detector import PatchDetector
+
+            return super().__new__(PatchDetector)
+        return super().__new__(cls)
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: Any):
         if config is None:
@@ -658,6 +726,7 @@ class Detector:
         config = self.config.to_dict()
         if config["weights"] is not None:
             config["weights"] = str(Path(config["weights"]).absolute())
+        features, bank_ids, kept, extra = self._saved_parts()
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -670,6 +739,7 @@ class Detector:
             "threshold": self.threshold,
             "contamination": self._contamination,
             "paths": self._paths,
+            **extra,
         }
         meta = {**identity, "dataset": "detector", "compute_dtype": self.config.dtype,
                 "normalized": self.config.normalize}
@@ -679,7 +749,7 @@ class Detector:
         except OSError as e:
             raise DN2FileError(f"cannot write the detector '{path}': {e}") from e
         try:
-            store.write_store(tmp / "bank", features, metadata={**meta, "split": "bank"}, ids=self._ids)
+            store.write_store(tmp / "bank", features, metadata={**meta, "split": "bank"}, ids=bank_ids)
             store.write_store(tmp / "calibration", self._calibration[:, None],
                               metadata={**meta, "split": "calibration"}, ids=kept)
             _write_manifest(tmp / MANIFEST, manifest)
@@ -687,6 +757,12 @@ class Detector:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
+
+    def _saved_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """What `save` writes: (bank store rows (R, D), their ids (R,), the calibration store's ids (n,), more
+        manifest entries)."""
+        features, kept = self._fitted()
+        return features, self._ids, kept, {}
 
     @staticmethod
     def saved_config(path: str | os.PathLike) -> DetectorConfig:
@@ -704,12 +780,34 @@ class Detector:
         resolve to the saved fingerprint), `batch_size`, `fpr`, and `k` (the calibration is recomputed).
         Raises DN2FileError for a path that is not a saved detector and DN2Error when the weights the config
         resolves to differ from those the detector was fitted with."""
+        path = Path(path).absolute()
+        if cls is Detector and cls.saved_config(path).level == "patch":
+            from dn2_jax.patch_detector import PatchDetector
+
+            return PatchDetector.load(path, **overrides)
+        det, manifest, features, ids, kept, calibration = cls._load_parts(path, overrides,
+                                                                           ("weights", "batch_size", "fpr", "k"))
+        saved_config = cls.saved_config(path)
+        paths = manifest.get("paths")
+        if (len(features) != manifest["count"] or features.shape[1] != manifest["dim"]
+                or len(kept) != manifest["bank_size"] or (paths is not None and len(paths) != len(features))
+                or np.any(kept < 0) or np.any(kept >= len(features))):
+            raise DN2FileError(f"detector '{path}' is damaged: its bank, calibration and {MANIFEST} disagree")
+        if det.config.k > len(kept) - 1:
+            raise DN2Error(f"k={det.config.k} needs a bank of at least {det.config.k + 1} images, this detector's "
+                           f"has {len(kept)}")
+        det._install(features, ids, paths, kept, calibration if det.config.k == saved_config.k else None)
+        det._contamination = manifest.get("contamination")
+        return det
+
+    @classmethod
+    def _load_parts(cls, path: Path, overrides: dict[str, Any], allowed: tuple[str, ...]) -> tuple[Any, ...]:
+        """(a detector of the saved config with `overrides` (only `allowed` ones; its features checked against
+        the saved identity), manifest, bank rows, their ids, calibration ids, calibration scores)."""
         from dn2_jax import store
 
-        path = Path(path).absolute()
         manifest = _read_manifest(path)
         saved_config = cls.saved_config(path)
-        allowed = ("weights", "batch_size", "fpr", "k")
         if bad := [name for name in overrides if name not in allowed]:
             _check_field_names(bad)
             raise DN2Error(f"{', '.join(bad)} cannot change for a saved detector (it changes its features or "
@@ -734,17 +832,7 @@ class Detector:
             kept, calibration = cal.ids, cal.embeddings()[:, 0]
         except (DN2Error, DN2FileError) as e:
             raise DN2FileError(f"detector '{path}' is damaged: {e}") from e
-        paths = manifest.get("paths")
-        if (len(features) != manifest["count"] or features.shape[1] != manifest["dim"]
-                or len(kept) != manifest["bank_size"] or (paths is not None and len(paths) != len(features))
-                or np.any(kept < 0) or np.any(kept >= len(features))):
-            raise DN2FileError(f"detector '{path}' is damaged: its bank, calibration and {MANIFEST} disagree")
-        if det.config.k > len(kept) - 1:
-            raise DN2Error(f"k={det.config.k} needs a bank of at least {det.config.k + 1} images, this detector's "
-                           f"has {len(kept)}")
-        det._install(features, ids, paths, kept, calibration if det.config.k == saved_config.k else None)
-        det._contamination = manifest.get("contamination")
-        return det
+        return det, manifest, features, ids, kept, calibration
 
 
 def _check_ids(ids: Any, n: int) -> np.ndarray:

@@ -183,13 +183,20 @@ def make_patch_fn(spec: BackboneSpec | str, variables: Any, config: PatchConfig 
 # Bank and scores.
 
 
+def coreset_rows(flat: np.ndarray, config: PatchConfig = PatchConfig()) -> np.ndarray:
+    """Rows int64 (K,) of (M, D) training patch features that form the bank: all of them, or the greedy
+    coreset of ``config.coreset`` of them (distances on a ``coreset_proj_dim`` projection), in selection order."""
+    if config.coreset is None or config.coreset >= 1.0:
+        return np.arange(len(flat), dtype=np.int64)
+    return coreset_select(flat, config.coreset, seed=config.seed, proj_dim=config.coreset_proj_dim)
+
+
 def build_bank(patches: np.ndarray, config: PatchConfig = PatchConfig()) -> np.ndarray:
-    """Training patch features (N, g, g, D) or (M, D) → the patch bank (K, D) float32: all patches, or the
-    greedy coreset of ``config.coreset`` of them (distances on a ``coreset_proj_dim`` projection)."""
+    """Training patch features (N, g, g, D) or (M, D) → the patch bank (K, D) float32 (`coreset_rows`)."""
     flat = np.asarray(patches, np.float32).reshape(-1, np.shape(patches)[-1])
     if config.coreset is None or config.coreset >= 1.0:
         return flat
-    return flat[coreset_select(flat, config.coreset, seed=config.seed, proj_dim=config.coreset_proj_dim)]
+    return flat[coreset_rows(flat, config)]
 
 
 def write_patches(images: np.ndarray, fn: PatchFn, path: str | os.PathLike) -> np.memmap:
@@ -356,3 +363,36 @@ def save_overlays(images: np.ndarray, maps: np.ndarray, paths: Sequence[str | os
             ax.set_title(titles[i], fontsize=8)
         fig.savefig(path, bbox_inches="tight")
         plt.close(fig)
+
+
+def maps_figure(frame: np.ndarray, maps: np.ndarray, names: Sequence[str], scores: np.ndarray,
+                masks: np.ndarray | None = None, *, per_kind: int = 2):
+    """A matplotlib figure of anomaly maps: up to ``per_kind`` images of each kind in ``names`` (e.g. 'good' and
+    each defect type), one column each: the image (uint8 (N, S, S[, 3]) in the maps' frame) titled with its
+    score, the ground-truth mask (bool (N, S, S), if given) and the map (N, S, S) over the image, on one colour
+    scale (1st percentile to max of all maps). Returns the figure (save it with `evaluation.save_figure`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(names))
+    picks = [i for kind in kinds for i in [j for j, n in enumerate(names) if n == kind][:per_kind]]
+    lo, hi = float(np.percentile(maps, 1)), float(np.max(maps))
+    rows = 2 if masks is None else 3
+    fig, axes = plt.subplots(rows, len(picks), figsize=(2.2 * len(picks), 2.2 * rows), squeeze=False)
+    for c, i in enumerate(picks):
+        gray = "gray" if frame[i].ndim == 2 else None
+        axes[0, c].imshow(frame[i], cmap=gray)
+        axes[0, c].set_title(f"{names[i]} (score {scores[i]:.3g})", fontsize=8)
+        if masks is not None:
+            axes[1, c].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
+        axes[-1, c].imshow(frame[i], cmap=gray)
+        axes[-1, c].imshow(maps[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        for a in axes[:, c]:
+            a.set_axis_off()
+    if masks is not None:
+        axes[1, 0].set_title("ground truth", fontsize=8, loc="left")
+    axes[-1, 0].set_title("anomaly map", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig

@@ -21,7 +21,7 @@ import numpy as np
 from dn2_jax.convert import load_variables
 from dn2_jax.data import load_mvtec
 from dn2_jax.metrics import roc_auc
-from dn2_jax.patch import PatchConfig, build_bank, make_patch_fn, score_patch_images, to_model_frame
+from dn2_jax.patch import PatchConfig, build_bank, make_patch_fn, maps_figure, score_patch_images, to_model_frame
 from dn2_jax.pixel_metrics import aupro, load_mvtec_masks, pixel_roc_auc
 from dn2_jax.synthetic import make_synthetic, write_synthetic_mvtec
 
@@ -77,26 +77,9 @@ def main():
 
 
 def figure(frame, maps, masks, defects, scores, path):
-    import matplotlib
+    from dn2_jax.evaluation.report import save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    picks = [i for d in ("good", "scratch", "blob") for i in [j for j, n in enumerate(defects) if n == d][:2]]
-    lo, hi = float(np.percentile(maps, 1)), float(maps.max())
-    fig, axes = plt.subplots(3, len(picks), figsize=(2.2 * len(picks), 6.6))
-    for c, i in enumerate(picks):
-        axes[0, c].imshow(frame[i])
-        axes[0, c].set_title(f"{defects[i]} (score {scores[i]:.1f})", fontsize=8)
-        axes[1, c].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
-        axes[2, c].imshow(frame[i])
-        axes[2, c].imshow(maps[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
-        for a in axes[:, c]:
-            a.set_axis_off()
-    axes[1, 0].set_title("ground truth", fontsize=8, loc="left")
-    axes[2, 0].set_title("anomaly map", fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(maps_figure(frame, maps, defects, scores, masks), path, dpi=90)
     print("figure", path, flush=True)
 
 

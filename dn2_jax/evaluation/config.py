@@ -9,13 +9,20 @@ from __future__ import annotations
 import dataclasses
 
 from dn2_jax.cleaning import CLEAN_RULES, DEFAULT_CLEAN
+from dn2_jax.detector import LEVELS, PATCH_OPTIONS, DetectorConfig
 from dn2_jax.errors import DN2Error
+from dn2_jax.patch import REDUCTIONS
 from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS
 
 MODES = ("semi", "unsupervised", "group")
 PIXELS = "pixels"  # raw-pixel baseline: the image itself, flattened, in [0, 1], through the same kNN path.
 # The quick subsample `dn2 eval` runs without --full (a few minutes on 2 CPU cores); capped at what exists.
 QUICK = {"bank_size": 100, "test_size": 1000}
+
+
+def _detector_help(name: str) -> str:
+    """The help text of `DetectorConfig` field `name` (one text for `dn2 eval` and `dn2 fit`)."""
+    return DetectorConfig.__dataclass_fields__[name].metadata["help"]
 
 
 def _field(default, help: str, modes: tuple[str, ...] | None = None, **extra):
@@ -74,6 +81,15 @@ class EvalConfig:
     adapt_epochs: int = _field(10, "adaptation epochs over the class's bank images", ("semi",))
     adapt_lr: float | None = _field(None, "adaptation learning rate (default: 1e-2 PANDA, 1e-5 MSC)", ("semi",))
     adapt_batch_size: int = _field(32, "images per adaptation step", ("semi",))
+    level: str = _field("image", _detector_help("level") + "; at level patch results.json also holds pixel ROC-AUC "
+                        "and AUPRO where the MVTec folder has ground_truth masks, and maps.png shows maps",
+                        ("semi",), choices=LEVELS)
+    layers: tuple[str, ...] | None = _field(None, _detector_help("layers"), ("semi",))
+    pool: int | None = _field(None, _detector_help("pool"), ("semi",))
+    proj_dim: int | None = _field(None, _detector_help("proj_dim"), ("semi",))
+    coreset: float | None = _field(None, _detector_help("coreset"), ("semi",))
+    reduce: str | None = _field(None, _detector_help("reduce"), ("semi",), choices=REDUCTIONS)
+    sigma: float | None = _field(None, _detector_help("sigma"), ("semi",))
 
     def clean_config(self, rule: str | None = None) -> dict:
         """The detector settings of cleaning rule `rule` (default: this run's) with this run's options."""
@@ -90,7 +106,8 @@ class EvalConfig:
         from dn2_jax.detector import DetectorConfig
 
         kw = dict(backbone=self.backbone, weights=self.weights, input_size=self.input_size, dtype=self.dtype,
-                  normalize=self.normalize, k=self.k, batch_size=self.batch_size)
+                  normalize=self.normalize, k=self.k, batch_size=self.batch_size, level=self.level,
+                  **{name: getattr(self, name) for name in PATCH_OPTIONS})
         return DetectorConfig(**{**kw, **changes})
 
 
@@ -135,6 +152,9 @@ def validate_config(cfg: EvalConfig) -> None:
         if cfg.backbone == PIXELS:
             raise DN2Error("--adapt needs a network backbone; the pixels baseline has no weights to adapt")
         adapt_config(cfg)  # epochs, learning rate, batch size checked before any work
+    if cfg.level == "patch" and cfg.adapt is not None:
+        raise DN2Error("--adapt applies to --level image")
+    cfg.detector_config()  # the detector's checks: level, patch settings (e.g. coreset in (0, 1]), backbone
     if cfg.dataset.startswith("mvtec:") and cfg.mode != "semi":
         raise DN2Error(f"mode '{cfg.mode}' is not defined for MVTec-style folders; use --mode semi")
 

@@ -27,6 +27,7 @@ class ClassResult:
     labels: np.ndarray
     bank: int  # bank size (images, or sets in group mode)
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    maps: dict[str, Any] | None = None  # level patch: `dn2_jax.patch.maps_figure` arguments of a few test images
 
 
 def results_dict(settings: dict[str, Any], per_class: list[ClassResult], timings: dict[str, float]) -> dict:

@@ -261,6 +261,12 @@ def _run_adapted(cfg, train, test, classes, extract, log) -> Iterator[ClassResul
     yield from run_adapted(cfg, train, test, splits, extract, log)
 
 
+def _run_patch(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
+    from dn2_jax.evaluation.patch import run_patch
+
+    yield from run_patch(cfg, train, test, one_class_splits(cfg, train, test, classes), extract, log)
+
+
 RUNNERS = {"semi": _run_semi, "unsupervised": _run_unsupervised, "group": _run_group}
 
 
@@ -290,7 +296,7 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     log.print(f"DN2 {cfg.mode} on {cfg.dataset} with {cfg.backbone}, k={cfg.k}")
     # Runners validate, embed (timed as embed_s) and then yield one result per class as it is scored.
     results, t0, embed_before = [], time.perf_counter(), log.timings.get("embed_s", 0.0)
-    runner = _run_adapted if cfg.adapt is not None else RUNNERS[cfg.mode]
+    runner = _run_adapted if cfg.adapt is not None else _run_patch if cfg.level == "patch" else RUNNERS[cfg.mode]
     for res in runner(cfg, train, test, classes, extract, log):
         log.row(res)
         results.append(res)
