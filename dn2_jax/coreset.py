@@ -35,12 +35,10 @@ from dn2_jax.errors import DN2Error
 
 Array = jax.Array
 
-#: Default rows per block of :func:`coreset_select`'s pruning.
-BLOCK_ROWS = 1024
-#: Dimensions of the PCA projection whose per-row lower bound decides whether a visited block needs exact distances.
-BOUND_RANK = 16
+#: Rows gathered per pruned step (as a fraction of the bank, at least this many rows); above it, a full pass.
+PRUNED_BLOCK = 4096
 #: Relative safety margin on the triangle-inequality test, so float rounding never prunes a row that updates.
-_MARGIN = 1e-4
+_MARGIN = 1e-3
 
 
 def coreset_size(n: int, fraction: float) -> int:
@@ -117,7 +115,7 @@ def coreset_select_numpy(features: np.ndarray, fraction: float, *, seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
-# JAX: blocked greedy with triangle-inequality pruning.
+# JAX.
 
 
 def _sqdist(rows: Array, c: Array) -> Array:
@@ -133,135 +131,48 @@ def _bucket(n: int, floor: int = 64) -> int:
     return -(-n // step) * step
 
 
-def _layout(n: int, block_rows: int) -> tuple[int, int]:
-    """(levels, rows per block): 2**levels blocks of at most ``max(8, block_rows)`` rows, a multiple of 8,
-    holding ``n`` rows."""
-    levels = max(0, math.ceil(math.log2(max(1.0, n / max(8, block_rows)))))
-    rows = -(-n // (1 << levels))
-    return levels, -(-rows // 8) * 8
-
-
-@functools.partial(jax.jit, static_argnames=("levels",))
-def _tree_order(x: Array, *, levels: int) -> Array:
-    """Permutation (R,) int32 of the rows of ``x`` (R, D), R divisible by 2**levels, into 2**levels equal,
-    spatially coherent blocks: each level splits every node at the median of its rows' projections on the
-    node's principal direction (power iteration on a strided subsample of the node)."""
-    rows, dim = x.shape
-    perm = jnp.arange(rows, dtype=jnp.int32)
-    v0 = jnp.cos(jnp.arange(1, dim + 1, dtype=jnp.float32) * 0.7) + 0.1  # a fixed, generic start direction
-    for level in range(levels):
-        nodes = 1 << level
-        xs = x[perm].reshape(nodes, rows // nodes, dim)
-        mu = jnp.mean(xs, axis=1)
-        sub = xs[:, :: max(1, (rows // nodes) // 2048)] - mu[:, None]
-        v = jnp.broadcast_to(v0, (nodes, dim))
-        for _ in range(6):
-            v = jnp.einsum("nmd,nm->nd", sub, jnp.einsum("nmd,nd->nm", sub, v))
-            v = v / (jnp.linalg.norm(v, axis=1, keepdims=True) + 1e-30)
-        order = jnp.argsort(jnp.einsum("nmd,nd->nm", xs, v), axis=1)
-        perm = jnp.take_along_axis(perm.reshape(nodes, -1), order, axis=1).reshape(-1)
-    return perm
-
-
-_NO_ROW = np.iinfo(np.int32).max
-
-
-def _block_max(m: Array, orig: Array) -> tuple[Array, Array]:
-    """Per block (last axis): the max of ``m`` and the smallest original index attaining it (NumPy's argmax
-    rule: the first row)."""
-    top = jnp.max(m, axis=-1)
-    return top, jnp.min(jnp.where(m == top[..., None], orig, _NO_ROW), axis=-1)
-
-
-def _low_dim(x: Array, mean: Array, basis: Array) -> tuple[Array, Array, Array]:
-    """Rows' coordinates (..., r) on the orthonormal ``basis`` (D, r) around ``mean``, residual norms (...) and
-    centred squared norms (...): ||x - c||^2 >= ||y_x - y_c||^2 + (e_x - e_c)^2 for any x, c."""
-    xc = x - mean
-    y = jnp.dot(xc, basis, precision=lax.Precision.HIGHEST)
-    res = xc - jnp.dot(y, basis.T, precision=lax.Precision.HIGHEST)
-    return y, jnp.sqrt(jnp.sum(res * res, axis=-1)), jnp.sum(xc * xc, axis=-1)
-
-
-def _safe_lower(y: Array, e: Array, q: Array, yc: Array, ec: Array, qc: Array) -> Array:
-    """A lower bound on the squared distance, lowered by a float32-rounding margin (never above the true one)."""
-    diff = y - yc
-    lb = jnp.sum(diff * diff, axis=-1) + (e - ec) ** 2
-    return lb * (1.0 - 1e-3) - 1e-5 * (q + qc)
-
-
-@functools.partial(jax.jit, static_argnames=("k_max", "rank"))
-def _greedy_blocked(xb: Array, orig: Array, n: Array, c0: Array, start: Array, k: Array, *, k_max: int,
-                    rank: int) -> tuple[Array, Array, Array]:
-    """Exact greedy k-center on a bank laid out as blocks ``xb`` (B, S, D) with original row indices ``orig``
-    (B, S) (rows with index >= n are padding: never selected). Returns the original indices (k_max,) in
-    selection order (the first ``k``; the rest 0), the number of blocks that passed the block test and the
-    number whose exact distances were computed (B each for the first pass).
-
-    State: the min-distance ``m`` (B, S) of each row to the selected rows and, per block, its max and the first
-    row attaining it, plus the fixed centroid ``mu`` and radius ``R`` of each block. A new centre c lowers m(x)
-    only if ||x - c|| < sqrt(m(x)), so by the triangle inequality no row of block b can change if
-    ||mu_b - c|| - R_b >= sqrt(max_b m): each step visits only the other blocks (compacted, one slice each). A
-    visited block first checks a per-row lower bound from a ``rank``-dim PCA projection plus the residual norm
-    (``_low_dim``), and computes its exact distances only if some row passes it."""
-    n_blocks, rows, dim = xb.shape
-    m = jnp.where(orig < n, _sqdist(xb, c0), -jnp.inf)
-    top, first = _block_max(m, orig)
-    mu = jnp.mean(xb, axis=1)
-    radius = jnp.sqrt(jnp.max(_sqdist(xb, mu[:, None]), axis=1))
-    sample = xb.reshape(-1, dim)[:: max(1, n_blocks * rows // 8192)]
-    mean = jnp.mean(sample, axis=0)
-    cov = jnp.dot((sample - mean).T, sample - mean, precision=lax.Precision.HIGHEST)
-    basis = jnp.linalg.eigh(cov)[1][:, ::-1][:, :rank]
-    yb, eb, qb = _low_dim(xb, mean, basis)
+@functools.partial(jax.jit, static_argnames=("k_max", "cap"))
+def _greedy(x: Array, n: Array, start: Array, k: Array, *, k_max: int, cap: int) -> Array:
+    """Rows ``>= n`` of ``x`` are padding (never selected); selects ``k <= k_max`` rows (the rest of the
+    (k_max,) result is 0)."""
+    rows = x.shape[0]
+    valid = jnp.arange(rows) < n
+    c0 = x[start]
+    min_d = jnp.where(valid, _sqdist(x, c0), -jnp.inf)
+    assign = jnp.zeros((rows,), jnp.int32)
+    centres = jnp.zeros((k_max, x.shape[1]), x.dtype).at[0].set(c0)
     sel = jnp.zeros((k_max,), jnp.int32).at[0].set(start)
 
-    def exact(carry):
-        t, count, todo, c, m, top, first = carry
-        b = todo[t]
-        mb = jnp.minimum(m[b], _sqdist(xb[b], c))
-        tb, fb = _block_max(mb, orig[b])
-        return t + 1, count, todo, c, m.at[b].set(mb), top.at[b].set(tb), first.at[b].set(fb)
+    def full(args):
+        min_d, assign, c, i, _ = args
+        d = _sqdist(x, c)
+        closer = d < min_d
+        return jnp.where(closer, d, min_d), jnp.where(closer, i, assign)
+
+    def pruned(args):
+        min_d, assign, c, i, need = args
+        (idx,) = jnp.nonzero(need, size=cap, fill_value=rows)  # rows: out of bounds, dropped on scatter
+        block = x.at[idx].get(mode="fill", fill_value=0)
+        old = min_d.at[idx].get(mode="fill", fill_value=0.0)
+        d = _sqdist(block, c)
+        closer = (d < old) & (idx < rows)
+        min_d = min_d.at[idx].set(jnp.where(closer, d, old), mode="drop")
+        assign = assign.at[idx].set(jnp.where(closer, i, assign.at[idx].get(mode="fill", fill_value=0)),
+                                    mode="drop")
+        return min_d, assign
 
     def step(i, state):
-        m, top, first, sel, visits, exacts = state
-        key = jnp.where(top == jnp.max(top), first, _NO_ROW)
-        b = jnp.argmin(key)
-        j = key[b]
-        c = xb[b, jnp.argmax(orig[b] == j)]
-        dc = jnp.sqrt(_sqdist(mu, c))
-        # Float safety: a relative margin on both sides of the test (never skips a block that could change).
-        lower = dc * (1.0 - _MARGIN) - radius * (1.0 + _MARGIN)
-        need = lower < jnp.sqrt(jnp.maximum(top, 0.0)) * (1.0 + _MARGIN) + 1e-12
-        count = jnp.sum(need, dtype=jnp.int32)
+        min_d, assign, centres, sel = state
+        j = jnp.argmax(min_d).astype(jnp.int32)
+        c = x[j]
+        # A row can only move to c if ||c_a - c|| < 2 r, i.e. ||c_a - c||^2 < 4 min_d (squared, with a margin).
+        cc = _sqdist(centres, c)
+        need = cc[assign] < 4.0 * min_d * (1.0 + _MARGIN) + 1e-12
+        min_d, assign = lax.cond(jnp.sum(need) <= cap, pruned, full, (min_d, assign, c, i, need))
+        return min_d, assign, centres.at[i].set(c), sel.at[i].set(j)
 
-        def some(args):  # the blocks that need it: per-row bound, then exact distances where some row passes
-            m, top, first = args
-            (todo,) = jnp.nonzero(need, size=n_blocks, fill_value=0)
-            yc, ec, qc = _low_dim(c, mean, basis)
-
-            def check(carry):
-                t, flags = carry
-                b = todo[t]
-                return t + 1, flags.at[t].set(jnp.any(_safe_lower(yb[b], eb[b], qb[b], yc, ec, qc) < m[b]))
-
-            _, flags = lax.while_loop(lambda s: s[0] < count, check,
-                                      (jnp.int32(0), jnp.zeros((n_blocks,), bool)))
-            done = jnp.sum(flags, dtype=jnp.int32)
-            todo = todo[jnp.nonzero(flags, size=n_blocks, fill_value=0)[0]]
-            out = lax.while_loop(lambda s: s[0] < s[1], exact, (jnp.int32(0), done, todo, c, m, top, first))
-            return (*out[4:], done)
-
-        def every(args):  # most blocks: one fused pass over the bank is cheaper than a loop of slices
-            m, _, _ = args
-            m = jnp.minimum(m, _sqdist(xb, c))
-            return (m, *_block_max(m, orig), count)
-
-        m, top, first, done = lax.cond(count * 2 > n_blocks, every, some, (m, top, first))
-        return m, top, first, sel.at[i].set(j), visits + count, exacts + done
-
-    _, _, _, sel, visits, exacts = lax.fori_loop(
-        1, k, step, (m, top, first, sel, jnp.int32(n_blocks), jnp.int32(n_blocks)))
-    return sel, visits, exacts
+    _, _, _, sel = lax.fori_loop(1, k, step, (min_d, assign, centres, sel))
+    return sel
 
 
 @jax.jit
@@ -269,52 +180,31 @@ def _project(x: Array, proj: Array) -> Array:
     return jnp.dot(x.astype(jnp.float32), proj, precision=lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "levels"))
-def _arrange(x: Array, *, rows: int, levels: int) -> tuple[Array, Array]:
-    """The bank padded to ``rows`` (with copies of its own rows) and permuted into 2**levels blocks:
-    (B, S, D) rows and (B, S) int32 original indices (>= N for the padding)."""
-    n = x.shape[0]
-    if rows > n:
-        x = jnp.concatenate([x, x[jnp.arange(rows - n) % n]])
-    perm = _tree_order(x, levels=levels)
-    blocks = 1 << levels
-    return x[perm].reshape(blocks, rows // blocks, x.shape[1]), perm.reshape(blocks, -1)
-
-
 def coreset_select(features: Array | np.ndarray, fraction: float, *, seed: int = 0,
-                   proj_dim: int | None = None, block_rows: int = BLOCK_ROWS,
-                   stats: dict | None = None) -> np.ndarray:
+                   proj_dim: int | None = None, pruned_block: int = PRUNED_BLOCK) -> np.ndarray:
     """Greedy k-center coreset of (N, D) ``features``: int64 row indices (K,), K = ``coreset_size(N, fraction)``,
-    in selection order, the first one a seeded random row; the same selection as :func:`coreset_select_numpy`.
+    in selection order, the first one a seeded random row.
 
     Args:
       features: (N, D) float features (device or host array); the bank must fit in device memory.
       fraction: kept fraction in (0, 1] (PatchCore uses 0.01-0.1).
       seed: seeds the start row and the projection.
       proj_dim: compute distances on a seeded random projection to this many dims (None or >= D: none).
-      block_rows: rows per block of the pruning (at most; blocks are a power of two in number).
-      stats: if a dict, receives ``blocks``, ``block_rows`` and ``block_visits`` (blocks whose distances were
-        computed, summed over all steps; the unpruned cost is ``blocks * K``).
-    Working memory besides the bank: one permuted copy of the bank (padded by at most ~13%), O(N + K) more;
-    nothing quadratic. N and K are rounded up to one of 8 sizes per power of two, so few shapes compile.
+      pruned_block: rows a pruned step gathers at most before falling back to a full pass.
+    Working memory besides the bank: O(N + K * D); nothing quadratic. N and K are rounded up to one of 8
+    sizes per power of two (the bank padded), so few shapes compile.
     """
     n, dim = _check_bank(features)
     k = coreset_size(n, _check_fraction(fraction))
-    if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
-        raise DN2Error(f"block_rows must be a positive integer, got {block_rows!r}")
-    start = _start_index(n, seed)
     x = jnp.asarray(features, jnp.float32)
     proj = _projection_for(dim, proj_dim, seed)
     if proj is not None:
         x = _project(x, jnp.asarray(proj))
-    levels, per_block = _layout(_bucket(n), int(block_rows))
-    c0 = x[start]
-    xb, orig = _arrange(x, rows=per_block << levels, levels=levels)
-    del x
-    sel, visits, exacts = _greedy_blocked(xb, orig, jnp.int32(n), c0, jnp.int32(start), jnp.int32(k),
-                                          k_max=_bucket(k, 16), rank=min(dim, BOUND_RANK))
-    if stats is not None:
-        stats.update(blocks=1 << levels, block_rows=per_block, block_visits=int(visits), exact_visits=int(exacts))
+    rows = _bucket(n)
+    if rows > n:
+        x = jnp.pad(x, ((0, rows - n), (0, 0)))
+    cap = int(min(rows, max(1, pruned_block)))
+    sel = _greedy(x, jnp.int32(n), jnp.int32(_start_index(n, seed)), jnp.int32(k), k_max=_bucket(k, 16), cap=cap)
     return np.asarray(sel[:k], np.int64)
 
 

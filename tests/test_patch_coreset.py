@@ -23,7 +23,7 @@ def _clustered(n, d, clusters=12, seed=0):
 @pytest.mark.parametrize("n, d, fraction, block", [(300, 8, 0.1, 4096), (600, 16, 0.05, 64), (200, 4, 0.5, 16)])
 def test_selection_equals_numpy_reference(n, d, fraction, block):
     x = _clustered(n, d, seed=n)
-    got = coreset_select(x, fraction, seed=3, block_rows=block)  # small blocks: many of them, most skipped
+    got = coreset_select(x, fraction, seed=3, pruned_block=block)  # small blocks: pruned and full passes both run
     want = coreset_select_numpy(x, fraction, seed=3)
     assert len(got) == coreset_size(n, fraction)
     np.testing.assert_array_equal(got, want)
