@@ -132,9 +132,9 @@ def _bucket(n: int, floor: int = 64) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("k_max", "cap"))
-def _greedy(x: Array, n: Array, start: Array, k: Array, *, k_max: int, cap: int) -> Array:
+def _greedy(x: Array, n: Array, start: Array, k: Array, *, k_max: int, cap: int) -> tuple[Array, Array]:
     """Rows ``>= n`` of ``x`` are padding (never selected); selects ``k <= k_max`` rows (the rest of the
-    (k_max,) result is 0)."""
+    (k_max,) result is 0). Also returns the number of steps that took the pruned path."""
     rows = x.shape[0]
     valid = jnp.arange(rows) < n
     c0 = x[start]
@@ -162,17 +162,18 @@ def _greedy(x: Array, n: Array, start: Array, k: Array, *, k_max: int, cap: int)
         return min_d, assign
 
     def step(i, state):
-        min_d, assign, centres, sel = state
+        min_d, assign, centres, sel, pruned_steps = state
         j = jnp.argmax(min_d).astype(jnp.int32)
         c = x[j]
         # A row can only move to c if ||c_a - c|| < 2 r, i.e. ||c_a - c||^2 < 4 min_d (squared, with a margin).
         cc = _sqdist(centres, c)
         need = cc[assign] < 4.0 * min_d * (1.0 + _MARGIN) + 1e-12
-        min_d, assign = lax.cond(jnp.sum(need) <= cap, pruned, full, (min_d, assign, c, i, need))
-        return min_d, assign, centres.at[i].set(c), sel.at[i].set(j)
+        few = jnp.sum(need) <= cap
+        min_d, assign = lax.cond(few, pruned, full, (min_d, assign, c, i, need))
+        return min_d, assign, centres.at[i].set(c), sel.at[i].set(j), pruned_steps + few
 
-    _, _, _, sel = lax.fori_loop(1, k, step, (min_d, assign, centres, sel))
-    return sel
+    _, _, _, sel, pruned_steps = lax.fori_loop(1, k, step, (min_d, assign, centres, sel, jnp.int32(0)))
+    return sel, pruned_steps
 
 
 @jax.jit
@@ -181,7 +182,8 @@ def _project(x: Array, proj: Array) -> Array:
 
 
 def coreset_select(features: Array | np.ndarray, fraction: float, *, seed: int = 0,
-                   proj_dim: int | None = None, pruned_block: int = PRUNED_BLOCK) -> np.ndarray:
+                   proj_dim: int | None = None, pruned_block: int = PRUNED_BLOCK, max_steps: int | None = None,
+                   stats: dict | None = None) -> np.ndarray:
     """Greedy k-center coreset of (N, D) ``features``: int64 row indices (K,), K = ``coreset_size(N, fraction)``,
     in selection order, the first one a seeded random row.
 
@@ -191,11 +193,16 @@ def coreset_select(features: Array | np.ndarray, fraction: float, *, seed: int =
       seed: seeds the start row and the projection.
       proj_dim: compute distances on a seeded random projection to this many dims (None or >= D: none).
       pruned_block: rows a pruned step gathers at most before falling back to a full pass.
+      max_steps: stop after this many selected rows (for timing, as in :func:`coreset_select_numpy`).
+      stats: if a dict, receives ``steps`` and ``pruned_steps`` (steps that computed distances only for the
+        rows the triangle inequality could not rule out, instead of a full pass over the bank).
     Working memory besides the bank: O(N + K * D); nothing quadratic. N and K are rounded up to one of 8
     sizes per power of two (the bank padded), so few shapes compile.
     """
     n, dim = _check_bank(features)
     k = coreset_size(n, _check_fraction(fraction))
+    if max_steps is not None:
+        k = min(k, max_steps)
     x = jnp.asarray(features, jnp.float32)
     proj = _projection_for(dim, proj_dim, seed)
     if proj is not None:
@@ -204,7 +211,10 @@ def coreset_select(features: Array | np.ndarray, fraction: float, *, seed: int =
     if rows > n:
         x = jnp.pad(x, ((0, rows - n), (0, 0)))
     cap = int(min(rows, max(1, pruned_block)))
-    sel = _greedy(x, jnp.int32(n), jnp.int32(_start_index(n, seed)), jnp.int32(k), k_max=_bucket(k, 16), cap=cap)
+    sel, pruned_steps = _greedy(x, jnp.int32(n), jnp.int32(_start_index(n, seed)), jnp.int32(k),
+                                k_max=_bucket(k, 16), cap=cap)
+    if stats is not None:
+        stats.update(steps=k - 1, pruned_steps=int(pruned_steps))
     return np.asarray(sel[:k], np.int64)
 
 

@@ -23,10 +23,21 @@ def _clustered(n, d, clusters=12, seed=0):
 @pytest.mark.parametrize("n, d, fraction, block", [(300, 8, 0.1, 4096), (600, 16, 0.05, 64), (200, 4, 0.5, 16)])
 def test_selection_equals_numpy_reference(n, d, fraction, block):
     x = _clustered(n, d, seed=n)
-    got = coreset_select(x, fraction, seed=3, pruned_block=block)  # small blocks: pruned and full passes both run
+    stats = {}
+    got = coreset_select(x, fraction, seed=3, pruned_block=block, stats=stats)
     want = coreset_select_numpy(x, fraction, seed=3)
     assert len(got) == coreset_size(n, fraction)
     np.testing.assert_array_equal(got, want)
+    assert stats["steps"] == len(got) - 1 and stats["pruned_steps"] > 0  # the pruned path ran
+    if block < n // 4:
+        assert stats["pruned_steps"] < stats["steps"]  # and so did the full pass
+
+
+def test_max_steps_is_a_prefix():
+    x = _clustered(300, 8, seed=9)
+    full = coreset_select(x, 0.1, seed=1)
+    np.testing.assert_array_equal(coreset_select(x, 0.1, seed=1, max_steps=7), full[:7])
+    np.testing.assert_array_equal(coreset_select_numpy(x, 0.1, seed=1, max_steps=7), full[:7])
 
 
 def test_selection_with_projection_equals_reference():
