@@ -339,6 +339,7 @@ def cmd_convert(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dn2_jax.compile_cache import use_compilation_cache
     from dn2_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     data_log.setLevel(logging.ERROR)  # the commands report skipped image files themselves (_report_skipped)
     try:
         args = parser.parse_args(argv)
+        if not hasattr(args, "no_cache"):  # compiled programs reused across runs (dn2_jax/compile_cache.py)
+            use_compilation_cache(getattr(args, "cache_dir", DEFAULT_CACHE))
         args.func(args)
     except DN2Error as e:  # user mistakes: one line, no traceback
         print(f"dn2: error: {e}", file=sys.stderr)
