@@ -140,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", default=argparse.SUPPRESS,
                    help="full train and test splits (default: a quick subsample; semi and unsupervised modes)")
     p.add_argument("--out", default="runs/eval", help="output directory (results.json, roc.png, scores.png)")
-    p.add_argument("--cache-dir", default=argparse.SUPPRESS, help=f"embedding stores reused across runs "
+    p.add_argument("--cache-dir", default=argparse.SUPPRESS, help=f"embedding stores and compiled programs reused "
+                   f"across runs "
                    f"(default: {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
-                   help="do not read or write embedding stores")
+                   help="do not read or write embedding stores or compiled programs")
     p.set_defaults(func=cmd_eval)
 
     features = ("backbone", "weights", "input_size", "dtype", "batch_size")
