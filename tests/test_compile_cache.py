@@ -2,9 +2,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from dn2_jax.compile_cache import host_key
+from dn2_jax.compile_cache import MAX_CACHE_BYTES, host_key, use_compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def _run(cache_dir, env=None):
     return folder, int(hits), value
 
 
-@pytest.mark.slow  # three processes importing JAX: ~10 s on a quiet machine
+@pytest.mark.slow  # two processes importing JAX: ~7 s on a quiet machine
 def test_second_process_loads_compiled_program_from_host_keyed_folder(tmp_path):
     env = {"JAX_COMPILATION_CACHE_DIR": ""}
     folder, hits, value = _run(tmp_path, env)
@@ -37,10 +38,23 @@ def test_second_process_loads_compiled_program_from_host_keyed_folder(tmp_path):
     assert any(name.startswith("jit_") for name in os.listdir(folder))  # written although it compiled fast
     folder2, hits2, value2 = _run(tmp_path, env)
     assert (folder2, value2) == (folder, value) and hits2 >= 1
-    # The environment's folder wins.
-    other = tmp_path / "mine"
-    folder3, hits3, _ = _run(tmp_path, {"JAX_COMPILATION_CACHE_DIR": str(other)})
-    assert folder3 == str(other) and hits3 == 0 and os.listdir(other)
+
+
+_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+
+
+def test_environment_folder_wins_and_thresholds_are_lowered(tmp_path, monkeypatch):
+    before = {name: getattr(jax.config, name) for name in _SETTINGS}
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    try:
+        assert use_compilation_cache(tmp_path / "dn2") == tmp_path / "mine"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        assert jax.config.jax_compilation_cache_max_size == MAX_CACHE_BYTES
+    finally:  # a process-wide setting: leave the test process as it was
+        for name, value in before.items():
+            jax.config.update(name, value)
 
 
 def test_host_key_is_stable_hex():
