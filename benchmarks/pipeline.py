@@ -5,8 +5,11 @@
     .venv/bin/python benchmarks/pipeline.py --backbones resnet50 --bfloat16 --rounds 3
 
 Contenders, each a whole subprocess (its own imports, data reading, compilation), alternated round by round:
-  dn2            `dn2_jax.evaluation.evaluate` with an EvalConfig (the `dn2 eval` library path, no cache,
-                 normalize=False, k=2), after `hostmem.keep_freed_memory()` as the `dn2` command does;
+  dn2            `dn2_jax.evaluation.evaluate` with an EvalConfig (the `dn2 eval` library path, no embedding
+                 cache, normalize=False, k=2), after `hostmem.keep_freed_memory()` as the `dn2` command does,
+                 with JAX's persistent compilation cache on (`compile_cache.use_compilation_cache`, as `dn2`
+                 does) in a fresh, empty folder: a first run, compiling everything (cold);
+  dn2_warm       the same with the folder a `dn2` run of this benchmark filled: a later run (warm);
   dn2_bf16       the same with dtype=bfloat16 compute (--bfloat16; the kNN stays exact float32);
   torch          the reference written the way the DN2 authors' code works: PyTorch features in eval mode
                  under no_grad, PIL resize/centre-crop per image (torchvision transforms, DataLoader with
@@ -121,9 +124,12 @@ def worker_torch(job: dict) -> dict:
 
 def worker_dn2(job: dict) -> dict:
     """dn2-jax: `dn2 eval`'s library path."""
+    from dn2_jax.compile_cache import use_compilation_cache
     from dn2_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # as the dn2 command does, before the CPU backend starts
+    if job.get("compile_cache"):
+        use_compilation_cache(job["compile_cache"])  # as the dn2 command does, before any compilation
     from dn2_jax.evaluation import EvalConfig, evaluate
 
     cfg = EvalConfig(dataset="fashion_mnist", backbone=job["backbone"], weights=job["weights"],
@@ -180,6 +186,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (each runs every contender)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bfloat16", action="store_true", help="also run dn2 with bfloat16 compute")
+    parser.add_argument("--contenders", default="dn2,dn2_warm,torch,torch_alloc",
+                        help="comma-separated subset to run (dn2 and torch_alloc always run: the ratios need them)")
     parser.add_argument("--quick", action="store_true", help="40 bank images, 200 test images, one round")
     parser.add_argument("--data-dir", default=FASHION_DIR, help="folder with Fashion-MNIST's idx .gz files")
     parser.add_argument("--seed", type=int, default=0)
@@ -214,10 +222,14 @@ def main() -> None:
                                 test_size=args.test_size, n_classes=10, seed=args.seed)
     base_env = {k: v for k, v in os.environ.items() if k not in MALLOC_KEYS}
     base_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), base_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    contenders = {"dn2": ("float32", base_env), "torch": (None, base_env),
+    contenders = {"dn2": ("float32", base_env), "dn2_warm": ("float32", base_env), "torch": (None, base_env),
                   "torch_alloc": (None, {**base_env, **ALLOC_ENV})}
     if args.bfloat16:
         contenders["dn2_bf16"] = ("bfloat16", base_env)
+    wanted = set(args.contenders.split(",")) | {"dn2", "torch_alloc"} | ({"dn2_bf16"} if args.bfloat16 else set())
+    if unknown := wanted - set(contenders):
+        parser.error(f"--contenders: unknown {sorted(unknown)}; known: {list(contenders)}")
+    contenders = {k: v for k, v in contenders.items() if k in wanted}
 
     report = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,11 +241,17 @@ def main() -> None:
                    "test_size": args.test_size, "k": 2, "batch_size": args.batch_size, "seed": args.seed,
                    "n_bank": len(split.bank), "n_test": len(split.test)}
             runs: dict[str, list[dict]] = {name: [] for name in contenders}
-            names = list(contenders)
+            names = list(contenders)  # dn2 first: round 0's dn2 fills the compilation cache dn2_warm reads
+            warm_cache = None
             for r in range(args.rounds):
                 for name in names if r % 2 == 0 else names[::-1]:
                     dtype, env = contenders[name]
-                    res = _run_child(name, {**job, "contender": name, "dtype": dtype}, env)
+                    cache = None
+                    if name == "dn2":
+                        cache = warm_cache = str(Path(tmp) / f"compile_cache_{backbone}_{r}")  # fresh: cold
+                    elif name == "dn2_warm":
+                        cache = warm_cache
+                    res = _run_child(name, {**job, "contender": name, "dtype": dtype, "compile_cache": cache}, env)
                     print(f"{backbone} round {r} {name:<12} {res['wall_s']:7.1f} s  {res['images_per_s']:6.1f} img/s"
                           f"  ROC-AUC {res['auc']:.4f}  peak RSS {res['peak_rss_mib']:.0f} MiB  "
                           f"sys {res['system_s']:.1f} s", flush=True)
@@ -242,12 +260,14 @@ def main() -> None:
                               "median_images_per_s": statistics.median(x["images_per_s"] for x in rs),
                               "median_cpu_s": statistics.median(x["user_s"] + x["system_s"] for x in rs),
                               "auc": rs[0]["auc"], "runs": rs} for name, rs in runs.items()}
-            gap = abs(summary["dn2"]["auc"] - summary["torch"]["auc"])
-            ratios = {f"dn2_vs_{ref}": summary[ref]["median_wall_s"] / summary["dn2"]["median_wall_s"]
-                      for ref in ("torch", "torch_alloc")}
+            gap = abs(summary["dn2"]["auc"] - summary["torch_alloc"]["auc"])
+            pairs = [(ours, ref) for ours in ("dn2", "dn2_warm") for ref in ("torch", "torch_alloc")
+                     if ours in summary and ref in summary]
+            ratios = {f"{ours}_vs_{ref}": summary[ref]["median_wall_s"] / summary[ours]["median_wall_s"]
+                      for ours, ref in pairs}
             # CPU time (user + system) of the child: less sensitive than wall time to a loaded machine.
-            ratios.update({f"dn2_vs_{ref}_cpu_time": summary[ref]["median_cpu_s"] / summary["dn2"]["median_cpu_s"]
-                           for ref in ("torch", "torch_alloc")})
+            ratios.update({f"{ours}_vs_{ref}_cpu_time": summary[ref]["median_cpu_s"] / summary[ours]["median_cpu_s"]
+                           for ours, ref in pairs})
             if args.bfloat16:
                 ratios["dn2_bf16_vs_dn2"] = summary["dn2"]["median_wall_s"] / summary["dn2_bf16"]["median_wall_s"]
                 summary["dn2_bf16"]["auc_change_vs_float32"] = summary["dn2_bf16"]["auc"] - summary["dn2"]["auc"]

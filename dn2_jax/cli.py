@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", default=argparse.SUPPRESS,
                    help="full train and test splits (default: a quick subsample; semi and unsupervised modes)")
     p.add_argument("--out", default="runs/eval", help="output directory (results.json, roc.png, scores.png)")
-    p.add_argument("--cache-dir", default=argparse.SUPPRESS, help=f"embedding stores reused across runs "
+    p.add_argument("--cache-dir", default=argparse.SUPPRESS, help=f"embedding stores and compiled programs reused "
+                   f"across runs "
                    f"(default: {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
-                   help="do not read or write embedding stores")
+                   help="do not read or write embedding stores or compiled programs")
     add_config_flags(p, ProcessConfig)
     p.set_defaults(func=cmd_eval)
 
@@ -418,6 +419,7 @@ def _run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dn2_jax.compile_cache import use_compilation_cache
     from dn2_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before JAX starts its CPU backend; see dn2_jax/hostmem.py
@@ -427,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     data_log.setLevel(logging.ERROR)  # the commands report skipped image files themselves (_report_skipped)
     try:
         args = parser.parse_args(argv)
+        if not hasattr(args, "no_cache"):  # compiled programs reused across runs (dn2_jax/compile_cache.py)
+            use_compilation_cache(getattr(args, "cache_dir", DEFAULT_CACHE))
         _run(args)
     except DN2Error as e:  # user mistakes: one line, no traceback
         print(f"dn2: error: {e}", file=sys.stderr)

@@ -70,8 +70,14 @@ class EmbedFn:
         if forward is None:
             module, variables = spec.for_inference(variables)  # e.g. ResNet BatchNorm folded into the convs
             forward = functools.partial(_forward, module=module(dtype=dtype), preset=self.preset, feature=feature)
-        probe = jax.ShapeDtypeStruct((1, self.preset.crop, self.preset.crop, 3), jnp.uint8)
-        self.feature_dim = int(jax.eval_shape(forward, variables, probe).shape[-1])  # checks `feature`
+            known_dim = spec.feature_dim if feature == "pooled" else None
+        else:
+            known_dim = None
+        if known_dim is not None:
+            self.feature_dim = known_dim  # the spec's: no trace of the whole network just for its output shape
+        else:
+            probe = jax.ShapeDtypeStruct((1, self.preset.crop, self.preset.crop, 3), jnp.uint8)
+            self.feature_dim = int(jax.eval_shape(forward, variables, probe).shape[-1])  # checks `feature`
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
         self._variables = jax.device_put(variables, replicated)
         self._sharded = sharded

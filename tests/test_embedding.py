@@ -255,8 +255,13 @@ def test_registry_feature_dims_match_modules(name):
     if name.startswith("resnet"):
         pytest.importorskip("dn2_jax.models.resnet")
     spec = get_backbone(name)
-    fn = make_embed_fn(spec, init_random_variables(spec), input_size=32)  # traces, does not compile
-    assert fn.feature_dim == spec.feature_dim
+    variables = init_random_variables(spec)
+    probe = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    inference_module, inference_variables = spec.for_inference(variables)
+    for module, v in ((spec.module(), variables), (inference_module(), inference_variables)):
+        assert jax.eval_shape(module.apply, v, probe)["pooled"].shape == (1, spec.feature_dim)
+    # make_embed_fn takes the spec's feature_dim for "pooled" features instead of tracing the network for it.
+    assert make_embed_fn(spec, variables, input_size=32).feature_dim == spec.feature_dim
     assert dataclasses.is_dataclass(spec) and spec.name == name
 
 
