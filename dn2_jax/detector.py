@@ -61,8 +61,7 @@ def _clean_rules_help() -> str:
             rules.append("none")
             continue
         s = cleaning.resolve_rule(rule)
-        drop = f"at most {s.fraction:g} (the estimated contamination)" if rule == "adaptive" else f"{s.fraction:g}"
-        rules.append(f"{rule} (leave-one-out k {s.loo_k}, drops {drop}, {s.rounds} round{'s' * (s.rounds > 1)})")
+        rules.append(f"{rule} ({s.describe()}{', at most: drops the estimated contamination' * (rule == 'adaptive')})")
     return "; ".join(rules) + f"; {cleaning.DEFAULT_CLEAN!r} was chosen on a validation split"
 
 
@@ -90,7 +89,7 @@ class DetectorConfig:
     clean_fraction: float | None = _field(None, "share of the bank cleaning drops in all (adaptive: at most), in "
                                           "(0, 1) (default: the rule's)")
     clean_k: int | None = _field(None, "leave-one-out neighbours of the cleaning score, independent of k, smaller "
-                                 "than the bank (default: the rule's)")
+                                 "than the bank (default: the rule's: paper 2, fixed/adaptive 10%% of the bank)")
     clean_rounds: int | None = _field(None, "rounds of cleaning, each re-scoring the rows kept so far (default: "
                                       "the rule's)")
     fpr: float = _field(0.05, "target false-positive rate of predict(), in (0, 1)")
@@ -571,8 +570,8 @@ class Detector:
         settings = self.config.clean_settings()
         if settings.rule == "none":
             return np.arange(len(features), dtype=np.int64), None
-        if settings.loo_k > len(features) - 1:
-            raise DN2Error(f"clean_k={settings.loo_k} (leave-one-out neighbours of {settings.rule!r} cleaning) must "
+        if (loo_k := settings.k_for(len(features))) > len(features) - 1:
+            raise DN2Error(f"clean_k={loo_k} (leave-one-out neighbours of {settings.rule!r} cleaning) must "
                            f"be smaller than the bank, which has {len(features)} images")
         first: list[np.ndarray] = []
 

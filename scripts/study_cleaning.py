@@ -90,7 +90,8 @@ def run(f, phase: str, ratios, methods: dict, seed: int) -> dict:
     for r in ratios:
         rows = {m: [] for m in methods}
         for _, bank, contaminant, anomalous in make_banks(f, phase, r, seed):
-            est_default = estimate_contamination(bank.self_score(bank.x, resolve_rule(DEFAULT_CLEAN).loo_k))
+            default_k = resolve_rule(DEFAULT_CLEAN).k_for(len(bank.x))
+            est_default = estimate_contamination(bank.self_score(bank.x, default_k))
             for m, kw in methods.items():
                 res = clean_bank(bank.x, self_score=bank.self_score, **kw)
                 rows[m].append((auc(bank.score(res.keep), anomalous), contaminant[res.keep].sum(),
@@ -118,8 +119,8 @@ def main_table(f, phase, ratios, seed) -> None:
     if clean_auc is not None:
         print(f"clean bank (r = 0, no cleaning): {clean_auc:.1f}")
     d = resolve_rule(DEFAULT_CLEAN)
-    print(f"default = {d.rule!r}: loo k = {d.loo_k}, drop {d.fraction:g} over {d.rounds} round(s); estimated "
-          f"contamination = estimate_contamination of the loo k = {d.loo_k} scores of the input bank")
+    print(f"default = {d.rule!r}: {d.describe()}; estimated contamination = estimate_contamination of the "
+          f"default leave-one-out scores of the input bank")
     print("| r | no cleaning | paper (loo k=2, drop 50%) | default | contaminants in bank | left: paper | "
           "left: default | estimated contamination % |")
     print("|---|---|---|---|---|---|---|---|")

@@ -175,3 +175,21 @@ def test_sharded_twin_on_four_devices(tmp_path):
             np.testing.assert_allclose(r[f"{name}_{tag}_est"], r[f"{name}_ref_est"], rtol=1e-6)
     assert len(r["fixed_ref_keep"]) == 59 - int(0.4 * 59)
     assert not np.isnan(r["adaptive_ref_est"])
+
+
+def test_default_leave_one_out_k_is_a_share_of_the_bank():
+    from dn2_jax.cleaning import LOO_SHARE, resolve_rule
+
+    fixed = resolve_rule("fixed")
+    assert fixed.loo_k is None and resolve_rule("paper").loo_k == 2
+    assert fixed.k_for(1000) == int(np.ceil(LOO_SHARE * 1000)) and fixed.k_for(5) == 2
+    assert resolve_rule("fixed", loo_k=7).k_for(1000) == 7
+    seen = []
+    x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+
+    def scorer(rows, k):
+        seen.append((len(rows), k))
+        return np.asarray(self_knn_score(rows, k))
+
+    res = clean_bank(x, "fixed", self_score=scorer)  # the default rule: one round, drops 50%, k = 10% of 200
+    assert seen == [(200, 20)] and len(res.keep) == 100

@@ -53,7 +53,7 @@ class EvalConfig:
                         "no cleaning, 'paper' = the paper's rule; see dn2 fit --help); results.json also holds the "
                         "AUC without cleaning and with the paper's rule", ("unsupervised",), choices=CLEAN_RULES)
     clean_k: int | None = _field(None, "leave-one-out neighbours of the cleaning score, independent of --k "
-                                 "(default: the rule's)", ("unsupervised",))
+                                 "(default: the rule's: paper 2, fixed/adaptive 10%% of the bank)", ("unsupervised",))
     clean_fraction: float | None = _field(None, "share of the bank the cleaning drops in all (adaptive: at most), "
                                           "in (0, 1) (default: the rule's; no cleaning is --clean none)",
                                           ("unsupervised",))

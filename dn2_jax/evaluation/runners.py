@@ -203,8 +203,8 @@ def _check_cleaning_fits(k: int, n: int, settings: dict, name: str) -> None:
     rule = resolve_rule(settings["clean"], loo_k=settings.get("clean_k"), fraction=settings.get("clean_fraction"),
                         rounds=settings.get("clean_rounds"))
     what = "the paper's" if rule.rule == "paper" else f"the {rule.rule!r}"
-    if rule.loo_k >= n:
-        raise DN2Error(f"{what} cleaning needs a bank larger than its leave-one-out k={rule.loo_k}; class '{name}' "
+    if rule.k_for(n) >= n:
+        raise DN2Error(f"{what} cleaning needs a bank larger than its leave-one-out k={rule.k_for(n)}; class '{name}' "
                        f"has {n} images: raise --bank-size" + (" or lower --clean-k" if rule.rule != "paper" else ""))
     if rule.rule == "adaptive" and n < MIN_ESTIMATE_ROWS:
         raise DN2Error(f"the 'adaptive' cleaning estimates the contamination, which needs a bank of at least "
