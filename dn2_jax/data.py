@@ -598,18 +598,41 @@ class TfdsImages:
 
     `len(x)`; `x[i]` -> uint8 (H, W) for one-channel images, else (H, W, C); `x[a:b]`, `x[index array]` ->
     the images stacked, (n, H, W[, C]) (they must share one shape). `shape` is (N, H, W[, C]) when the dataset
-    declares a fixed image shape, else None. Nothing is held in memory but the tfds data source (picklable, so
-    worker processes can read it too). A record that cannot be read or decoded raises DN2FileError naming the
-    dataset, the example and its files.
+    declares a fixed image shape (else there is none: AttributeError); `shapes()` gives each image's shape without
+    decoding pixels. Nothing is held in memory but the tfds data sources (picklable, so worker processes can read
+    them too). A record that cannot be read or decoded raises DN2FileError naming the dataset, example and files.
     """
 
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, source, image_key: str, image_shape: tuple[int | None, ...], what: str):
-        self._source, self._key, self._what = source, image_key, what
-        shape = tuple(image_shape[:-1]) if image_shape[-1:] == (1,) else tuple(image_shape)
-        self.shape = None if None in shape else (len(source), *shape)
-        self.ndim = 1 + len(shape)
+    def __init__(self, source, encoded, image_key: str, image_shape: tuple[int | None, ...], what: str):
+        """source: a tfds data source of decoded examples; encoded: the same records with `image_key` left
+        encoded (tfds.decode.SkipDecoding); image_shape: the Image feature's (H, W, C), None for varying sizes."""
+        self._source, self._encoded, self._key, self._what = source, encoded, image_key, what
+        self._channels = image_shape[-1]
+        self._image_shape = tuple(image_shape[:-1]) if self._channels == 1 else tuple(image_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if None in self._image_shape:
+            raise AttributeError(f"{self!r} has images of varying sizes: no single shape")
+        return (len(self), *self._image_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._image_shape)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """(H, W) or (H, W, C) of each image, from the encoded images' headers (no pixel decoded)."""
+        if None not in self._image_shape:
+            return [self._image_shape] * len(self)
+        out = []
+        for i in range(len(self)):
+            encoded = _tfds_field(lambda i=i: self._encoded[i], self._key, f"example {i} of {self._what}")
+            with Image.open(io.BytesIO(encoded)) as img:
+                width, height = img.size
+            out.append((height, width) if self._channels == 1 else (height, width, self._channels))
+        return out
 
     def __len__(self) -> int:
         return len(self._source)
@@ -631,8 +654,6 @@ class TfdsImages:
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
         if len(idx) == 0:
-            if self.shape is None:
-                raise DN2Error(f"{self._what} has images of several sizes: no empty batch shape")
             return np.empty((0, *self.shape[1:]), np.uint8)
         return np.stack([self[int(i)] for i in idx])
 
@@ -644,7 +665,7 @@ class TfdsImages:
         return self[:].astype(dtype or np.uint8, copy=False)
 
     def __repr__(self) -> str:
-        return f"TfdsImages({self._what}, {len(self)} images{'' if self.shape is None else f' of {self.shape[1:]}'})"
+        return f"TfdsImages({self._what}, {len(self)} images of {self._image_shape})"
 
 
 def _tfds_field(read, key: str, what: str):
@@ -661,13 +682,10 @@ def _tfds_field(read, key: str, what: str):
     return value
 
 
-def _tfds_labels(tfds, name: str, split: str, data_dir: str | None, image_key: str, label_key: str,
-                 what: str) -> np.ndarray:
-    """int64 (N,) labels of a split, read from every record without decoding the images."""
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                              decoders={image_key: tfds.decode.SkipDecoding()})
-    return np.fromiter((_tfds_field(lambda i=i: source[i], label_key, f"the labels of {what}")
-                        for i in range(len(source))), np.int64, len(source))
+def _tfds_labels(encoded, label_key: str, what: str) -> np.ndarray:
+    """int64 (N,) labels of a split, read from every record of `encoded` (whose images are left encoded)."""
+    return np.fromiter((_tfds_field(lambda i=i: encoded[i], label_key, f"the labels of {what}")
+                        for i in range(len(encoded))), np.int64, len(encoded))
 
 
 @functools.cache
@@ -697,9 +715,11 @@ def _read_tfds(name: str, split: str, data_dir: str | None, label_key: str | Non
                            f" ({len(missing)} of its {len(files)} array_record files). Prepare it again in an "
                            f"empty data_dir: {_tfds_how_to(name, data_dir or tfds_dirs()[0])}")
     what = f"tfds dataset {name!r} split {split!r} ({', '.join(files)})"
-    labels = _tfds_labels(tfds, name, split, data_dir, image_key, label_key, what)
+    encoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                               decoders={image_key: tfds.decode.SkipDecoding()})
+    labels = _tfds_labels(encoded, label_key, what)
     labels.setflags(write=False)
-    images = TfdsImages(source, image_key, tuple(features[image_key].shape), what)
+    images = TfdsImages(source, encoded, image_key, tuple(features[image_key].shape), what)
     return Dataset(f"tfds:{name}", split, images, labels, list(features[label_key].names))
 
 

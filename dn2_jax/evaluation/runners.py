@@ -258,7 +258,7 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     test = load_dataset(cfg.dataset, "test", cfg.data_dir, on_error=on_error)
     log.timing("load_s", time.perf_counter() - t_start)
     classes = select_classes(cfg, train)
-    if cfg.backbone == PIXELS and getattr(train.images, "shape", None) is None:  # a list, or lazy mixed sizes
+    if cfg.backbone == PIXELS and getattr(train.images, "shape", None) is None:  # a list, or lazy, of mixed sizes
         raise DN2Error("the raw-pixel baseline needs images of one size; this dataset mixes sizes")
     cfg = quick_sizes(cfg, train, test, classes, log.print)
     t0 = time.perf_counter()
