@@ -28,7 +28,17 @@ from dn2_jax.coreset import (
     iter_row_chunks,
     random_projection,
 )
-from dn2_jax.data import DATASET_NAMES, Dataset, decode_image, decode_images, load_dataset, max_image_pixels
+from dn2_jax.data import (
+    DATASET_NAMES,
+    Dataset,
+    TfdsImages,
+    decode_image,
+    decode_images,
+    load_dataset,
+    load_tfds,
+    max_image_pixels,
+    tfds_prepare_command,
+)
 from dn2_jax.detector import Detector, DetectorConfig, Query
 from dn2_jax.embedding import clear_embed_cache, embed, make_embed_fn
 from dn2_jax.errors import DN2Error, DN2FileError
@@ -140,7 +150,7 @@ __all__ = [
     "fit_patch_bank", "fit_set_pool", "folder_source", "fpr_quantile", "gallery", "get_backbone", "image_scores",
     "IncompleteStoreError", "init_random_variables", "iter_row_chunks", "keep_lowest", "knn", "knn_chunks",
     "knn_score", "l2_normalize", "load_dataset", "load_detector", "load_mvtec_masks", "load_state_dict",
-    "load_variables", "make_embed_fn", "make_groups", "make_patch_fn", "make_synthetic", "mask_path",
+    "load_tfds", "load_variables", "make_embed_fn", "make_groups", "make_patch_fn", "make_synthetic", "mask_path",
     "max_image_pixels", "mvtec_split", "one_class", "open_store", "patch_scores", "PatchConfig", "patchcore_scores",
     "PatchFn", "PatchResult", "pixel_roc_auc", "pool_groups", "pool_groups_by_id", "preprocess", "Preset", "PRESETS",
     "pro_curve", "publish_dir", "Query", "random_projection", "read_tree_metadata", "restore_tree",
@@ -148,6 +158,6 @@ __all__ = [
     "score_patch_images", "score_source", "ScoreReport", "self_knn_score", "SET_POOLS", "SetPool", "shard_bank",
     "sharded_clean", "sharded_clean_bank", "sharded_knn", "sharded_knn_score", "sharded_self_knn_score",
     "sharded_threshold", "ShardedBank", "Source", "squared_norms", "store_source", "stratified_subsample",
-    "threshold", "to_model_frame", "train_test_groups", "write_patches", "write_report", "write_store",
-    "write_synthetic_mvtec", "writer_lock",
+    "TfdsImages", "tfds_prepare_command", "threshold", "to_model_frame", "train_test_groups", "write_patches",
+    "write_report", "write_store", "write_synthetic_mvtec", "writer_lock",
 ]
