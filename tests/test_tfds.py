@@ -54,7 +54,7 @@ def prepared(tmp_path_factory):
         _write_idx(idx, prefix, _toy_images(rng, labels), labels)
     proc = subprocess.run([sys.executable, "-m", "dn2_jax.tfds_prepare", f"idx:{idx}", "--name", NAME,
                            "--class-names", "T-shirt/top,Trouser", "--data-dir", str(tfds_dir)],
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=_env(), capture_output=True, text=True, timeout=1800)  # 600 s ran out at load 25
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(tfds_dir / NAME / "1.0.0")  # after tfds's own messages
     return idx, tfds_dir
