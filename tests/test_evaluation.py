@@ -114,13 +114,13 @@ def test_unsupervised_reports_chosen_paper_and_no_cleaning_against_faiss_and_skl
 
     train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
     cfg = EvalConfig(backbone="pixels", mode="unsupervised", classes=(3,), bank_size=60, test_size=200, k=2,
-                     contamination=0.2, clean="fixed", clean_k=8, clean_rounds=2)
+                     contamination=0.2, clean="fixed", clean_k=8, clean_fraction=0.35, clean_rounds=2)
     res, (r,) = evaluate(cfg, printer=None)
     b = protocols.contaminated_bank(train.labels, 3, 0.2, bank_size=60, n_classes=10, seed=0)
     t = protocols.one_class(train.labels, test.labels, 3, test_size=200, bank_size=1, n_classes=10, seed=0)
     bank, queries = _pixels(train, b.bank), _pixels(test, t.test)
     kept = {"none": np.arange(60), "paper": np.asarray(dn2.clean(bank, 2, 0.5)),
-            "fixed": cleaning.clean_bank(bank, "fixed", loo_k=8, rounds=2).keep}
+            "fixed": cleaning.clean_bank(bank, "fixed", loo_k=8, fraction=0.35, rounds=2).keep}
     auc = {rule: roc_auc_score(t.test_anomaly, _faiss_scores(bank[rows], queries, 2)) for rule, rows in kept.items()}
     assert r.auc == pytest.approx(auc["fixed"], abs=1e-6)
     assert res["extra"]["auc_paper_cleaning"]["mean"] == pytest.approx(auc["paper"], abs=1e-6)
