@@ -1,5 +1,6 @@
 """Greedy k-center coreset (PatchCore) down to 1%: dn2_jax.coreset_select (JAX, exact, triangle-inequality
-pruning) vs the NumPy greedy (coreset_select_numpy: precomputed norms, one BLAS matrix-vector product per step),
+pruning) vs two NumPy greedy implementations (coreset_select_numpy: precomputed norms, one BLAS matrix-vector product
+per step; and the same greedy in the form of PatchCore's reference code, the norm of the difference per step),
 at 200k and 1M rows, plus peak RSS of the streamed coreset as the bank on disk grows.
 
 Data (D = 128 float32, written once, chunkwise, to .npy files in /tmp):
@@ -10,6 +11,9 @@ Data (D = 128 float32, written once, chunkwise, to .npy files in /tmp):
 Each measurement runs in its own subprocess (peaks do not mix), the competitors alternate within one run:
   numpy     --numpy-steps steps timed, extrapolated linearly to the steps the JAX run made (every NumPy step
             costs the same: one pass over the bank); its picks are compared with the JAX ones.
+  patchcore the same greedy written as PatchCore's reference code writes it (there in PyTorch), ported to NumPy:
+            each step the norm of the difference to the new centre, ||x - c|| over the bank, a minimum and an argmax
+            (--patchcore-steps steps timed, extrapolated the same way; picks compared too).
   jax       coreset_select on the loaded bank (compiled on a small bank first; the big shapes compile inside the
             timed call), the whole 1% selection or its first --jax-steps steps (``max_steps``).
   stream    coreset_select_stream reading the patches .npy in --chunk-rows chunks for growing prefixes: peak RSS.
@@ -68,6 +72,22 @@ def write_gaussian(path: Path, n: int) -> None:
     del mm
 
 
+def greedy_patchcore_form(x: np.ndarray, fraction: float, *, seed: int = 0, max_steps: int | None = None):
+    """Greedy k-center as PatchCore's reference code computes it, in NumPy: ``||x - c||`` per step."""
+    from dn2_jax.coreset import coreset_size
+
+    k = coreset_size(len(x), fraction)
+    if max_steps is not None:
+        k = min(k, max_steps)
+    sel = np.empty(k, np.int64)
+    sel[0] = int(np.random.default_rng(seed).integers(len(x)))
+    min_d = np.linalg.norm(x - x[sel[0]], axis=1)
+    for i in range(1, k):
+        sel[i] = int(np.argmax(min_d))
+        min_d = np.minimum(min_d, np.linalg.norm(x - x[sel[i]], axis=1))
+    return sel
+
+
 def child(args) -> dict:
     from dn2_jax.coreset import coreset_select, coreset_select_numpy, coreset_select_stream
 
@@ -91,8 +111,9 @@ def child(args) -> dict:
         sel = coreset_select(x, args.fraction, max_steps=steps, stats=stats)
         out.update(seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c, selected=len(sel), **stats)
     else:
+        select = coreset_select_numpy if args.mode == "numpy" else greedy_patchcore_form
         t, c = time.perf_counter(), time.process_time()
-        sel = coreset_select_numpy(x, args.fraction, max_steps=steps)
+        sel = select(x, args.fraction, max_steps=steps)
         out.update(seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c, selected=len(sel),
                    seconds_per_step=(time.perf_counter() - t) / len(sel),
                    cpu_seconds_per_step=(time.process_time() - c) / len(sel))
@@ -114,19 +135,22 @@ def run_child(args, mode: str, bank: str, rows: int, steps: int | None = None, s
 
 
 def compare(args, bank: str, rows: int, jax_steps: int | None, numpy_steps: int) -> dict:
-    a_out, b_out = bank + ".jax.npy", bank + ".np.npy"
+    a_out, b_out, p_out = bank + ".jax.npy", bank + ".np.npy", bank + ".pc.npy"
     jx = run_child(args, "jax", bank, rows, jax_steps, a_out)
     nx = run_child(args, "numpy", bank, rows, numpy_steps, b_out)
-    a, b = np.load(a_out), np.load(b_out)
+    px = run_child(args, "patchcore", bank, rows, args.patchcore_steps, p_out)
+    a, b, p = np.load(a_out), np.load(b_out), np.load(p_out)
     steps = jx["selected"]  # numpy: each step costs one pass, scale its per-step time to the JAX run's steps
     r = {"data": jx["data"], "rows": rows, "selected_of": max(1, int(args.fraction * rows)), "steps": steps,
-         "jax": jx, "numpy": nx, "picks_equal": int(np.argmin(np.r_[a[: len(b)] == b, False])),
-         "numpy_seconds_extrapolated": nx["seconds_per_step"] * steps,
-         "numpy_cpu_seconds_extrapolated": nx["cpu_seconds_per_step"] * steps,
-         "load_avg": os.getloadavg()}
-    r["speedup_wall"] = r["numpy_seconds_extrapolated"] / jx["seconds"]
-    r["speedup_cpu"] = r["numpy_cpu_seconds_extrapolated"] / jx["cpu_seconds"]
-    print(r["data"], rows, "steps", steps, "wall x", round(r["speedup_wall"], 2), "cpu x", round(r["speedup_cpu"], 2),
+         "jax": jx, "numpy": nx, "patchcore": px, "picks_equal": int(np.argmin(np.r_[a[: len(b)] == b, False])),
+         "patchcore_picks_equal": int(np.argmin(np.r_[a[: len(p)] == p, False])), "load_avg": os.getloadavg()}
+    for name, peer in (("numpy", nx), ("patchcore", px)):
+        r[f"{name}_seconds_extrapolated"] = peer["seconds_per_step"] * steps
+        r[f"{name}_cpu_seconds_extrapolated"] = peer["cpu_seconds_per_step"] * steps
+        r[f"speedup_{name}_wall"] = r[f"{name}_seconds_extrapolated"] / jx["seconds"]
+        r[f"speedup_{name}_cpu"] = r[f"{name}_cpu_seconds_extrapolated"] / jx["cpu_seconds"]
+    print(r["data"], rows, "steps", steps, *(f"{name} wall x {r[f'speedup_{name}_wall']:.2f} cpu x "
+                                             f"{r[f'speedup_{name}_cpu']:.2f}" for name in ("numpy", "patchcore")),
           flush=True)
     return r
 
@@ -142,6 +166,7 @@ def main():
     ap.add_argument("--sizes", default="200000,1000000", help="bank sizes of the JAX vs NumPy runs")
     ap.add_argument("--jax-steps", default="0,300", help="per size: steps of the JAX run (0: the whole 1%%)")
     ap.add_argument("--numpy-steps", type=int, default=40)
+    ap.add_argument("--patchcore-steps", type=int, default=10)
     ap.add_argument("--gaussian-rows", type=int, default=200_000)
     ap.add_argument("--gaussian-steps", type=int, default=300)
     ap.add_argument("--chunk-rows", type=int, default=16384)
@@ -154,7 +179,7 @@ def main():
         print(json.dumps(child(args)))
         return
     if args.quick:
-        args.sizes, args.jax_steps, args.numpy_steps = "20000,50000", "0,100", 20
+        args.sizes, args.jax_steps, args.numpy_steps, args.patchcore_steps = "20000,50000", "0,100", 20, 5
         args.gaussian_rows, args.gaussian_steps, args.stream_rows = 20_000, 50, "20000,50000"
     sizes = [int(v) for v in args.sizes.split(",")]
     jax_steps = [int(v) or None for v in args.jax_steps.split(",")]
@@ -182,7 +207,7 @@ def main():
     results["load_avg_end"] = os.getloadavg()
     save()
     for p in (patches, gauss):
-        for f in (p, p + ".jax.npy", p + ".np.npy"):
+        for f in (p, p + ".jax.npy", p + ".np.npy", p + ".pc.npy"):
             if os.path.exists(f):
                 os.remove(f)
 
