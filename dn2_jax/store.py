@@ -913,6 +913,8 @@ def extract_parts(
     dtype: str = "float32",
     progress: bool = True,
     lock_timeout: float | None = None,
+    threads: int | None = None,
+    prefetch: int | None = None,
 ) -> EmbeddingStore:
     """`extract_to_store` over every process of a jax.distributed job (call it in all of them, with the same
     arguments): process p embeds its share of `images` (`dn2_jax.distributed.share_bounds`) into its own part,
@@ -942,13 +944,13 @@ def extract_parts(
     if n_proc == 1:
         return extract_to_store(path, images, embed_fn, metadata=metadata, labels=labels, ids=ids,
                                 indices=indices, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
-                                progress=progress, lock_timeout=lock_timeout)
+                                progress=progress, lock_timeout=lock_timeout, threads=threads, prefetch=prefetch)
     if count < n_proc:
         raise DN2Error(f"{count} images cannot be shared by {n_proc} processes; run fewer processes.")
     a, b = distributed.share_bounds(count)
     extract_to_store(path / part_name(me, n_proc), images, embed_fn, metadata=metadata, labels=labels[a:b],
                      ids=ids[a:b], indices=indices[a:b], chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
-                     progress=progress, lock_timeout=lock_timeout)
+                     progress=progress, lock_timeout=lock_timeout, threads=threads, prefetch=prefetch)
     distributed.barrier("dn2-store-parts-written")
     if distributed.is_writer():
         names = [part_name(p, n_proc) for p in range(n_proc)]
