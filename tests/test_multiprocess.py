@@ -22,6 +22,7 @@ from dn2_jax.store import IncompleteStoreError, open_store
 
 ROOT = Path(__file__).parents[1]
 TIMEOUT = 600  # seconds for one step (commands run together); then every process is killed
+GRACE = 30  # seconds the other processes of a job get to exit on their own after one of them failed
 
 
 def _free_port() -> int:
@@ -53,13 +54,18 @@ def _dn2(runs: list[tuple[list[str], int]]) -> list[subprocess.CompletedProcess]
                                           text=True))
     groups = [procs[sum(n for _, n in runs[:i]):][:n] for i, (_, n) in enumerate(runs)]
     deadline = time.monotonic() + TIMEOUT
+    failed_at: dict[int, float] = {}
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            for group in groups:  # a process that failed leaves the others of its job waiting: end them
+            for g, group in enumerate(groups):
+                # A process that failed may leave the others of its job waiting in a barrier: end them, after a
+                # grace period in which a process refusing the same input on its own exits with its own error.
                 if any(p.poll() not in (None, 0) for p in group):
-                    for p in group:
-                        if p.poll() is None:
-                            p.kill()
+                    failed_at.setdefault(g, time.monotonic())
+                    if time.monotonic() - failed_at[g] > GRACE:
+                        for p in group:
+                            if p.poll() is None:
+                                p.kill()
             time.sleep(0.2)
     finally:
         for p in procs:
