@@ -474,7 +474,9 @@ class FolderImages(Sequence):
             raise DN2Error(f"{len(paths)} paths but {len(shapes)} shapes")
         self.paths = list(paths)
         self._rgb = any(len(sh) == 3 for sh in shapes)
-        self._shapes = [tuple(sh[:2]) + (3,) if self._rgb else tuple(sh) for sh in shapes]
+        one: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape: 8 bytes an image, not ~64
+        self._shapes = [one.setdefault(sh, sh) for sh in (tuple(sh[:2]) + (3,) if self._rgb else tuple(sh)
+                                                         for sh in shapes)]
         self.max_pixels = max_pixels
         self.uniform = len(set(self._shapes)) <= 1
 
