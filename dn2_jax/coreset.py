@@ -173,7 +173,7 @@ def _greedy(x: Array, n: Array, start: Array, k: Array, *, k_max: int, cap: int)
         j = jnp.argmax(min_d).astype(jnp.int32)
         c = x[j]
         # A row can only move to c if ||c_a - c|| < 2 r, i.e. ||c_a - c||^2 < 4 min_d (squared, with a margin).
-        cc = _sqdist(centres, c)
+        cc = _sqdist(centres, c)  # the difference form here: the bound needs small distances exact (K x D only)
         need = cc[assign] < 4.0 * min_d * (1.0 + _MARGIN) + 1e-12
         few = jnp.sum(need) <= cap
         min_d, assign = lax.cond(few, pruned, full, (min_d, assign, c, sq[j], i, need))
