@@ -15,12 +15,13 @@ import functools
 import gzip
 import importlib.util
 import io
+import itertools
 import logging
 import os
 import stat
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ class Dataset:
     images: Images
     labels: np.ndarray
     class_names: list[str]
-    paths: list[str] | None = None
+    paths: Sequence[str] | None = None
     defect_types: list[str] | None = None
     skipped: tuple[tuple[str, str], ...] = ()
 
@@ -460,6 +461,73 @@ def _stack(images: list[np.ndarray]) -> Images:
     return images
 
 
+class PackedPaths(Sequence):
+    """File paths stored packed: each path's bytes (`os.fsencode`) in shared buffers of up to `CHUNK` paths,
+    with int64 end offsets: about len(path) + 8 bytes a path, where a list of Python strings costs ~60 bytes
+    more each (a folder of millions of files). A read-only sequence of str: ``paths[i]`` and iteration decode,
+    ``paths[slice]`` is a list, and it compares equal to a list or tuple of the same strings."""
+
+    CHUNK = 4096
+
+    def __init__(self, paths: Iterable[str] = ()):
+        self._blobs: list[bytes] = []
+        self._ends: list[np.ndarray] = []  # every chunk holds CHUNK paths except the last
+        self._len = 0
+        self.extend(paths)
+
+    def extend(self, paths: Iterable[str]) -> None:
+        """Append paths (only while the sequence is being built: it is shared, not copied, by its holders)."""
+        it = iter(paths)
+        tail: list[bytes] = []
+        if self._blobs and len(self._ends[-1]) < self.CHUNK:  # refill the last chunk first
+            tail = self._chunk_bytes(len(self._blobs) - 1)
+            self._len -= len(tail)
+            self._blobs.pop()
+            self._ends.pop()
+        while True:
+            enc = tail + [os.fsencode(p) for p in itertools.islice(it, self.CHUNK - len(tail))]
+            tail = []
+            if not enc:
+                return
+            self._blobs.append(b"".join(enc))
+            self._ends.append(np.cumsum([len(e) for e in enc], dtype=np.int64))
+            self._len += len(enc)
+            if len(enc) < self.CHUNK:
+                return
+
+    def _chunk_bytes(self, c: int) -> list[bytes]:
+        blob, ends = self._blobs[c], self._ends[c]
+        starts = np.r_[0, ends[:-1]]
+        return [blob[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if not -self._len <= i < self._len:
+                raise IndexError(f"path {i} of {self._len}")
+            c, j = divmod(i % self._len, self.CHUNK)
+            ends = self._ends[c]
+            return os.fsdecode(self._blobs[c][int(ends[j - 1]) if j else 0 : int(ends[j])])
+        return [self[int(i)] for i in np.arange(self._len)[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        for c in range(len(self._blobs)):
+            yield from map(os.fsdecode, self._chunk_bytes(c))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (PackedPaths, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PackedPaths({self._len} paths)"
+
+
 class FolderImages(Sequence):
     """Image files decoded on access: ``images[i]`` decodes file i (`decode_image`), nothing is kept.
 
@@ -467,33 +535,35 @@ class FolderImages(Sequence):
     set has one shape (`uniform`), else a list of arrays (as the in-memory datasets did). Grayscale images are
     promoted to RGB (H, W, 3) when the set mixes both. `shapes()` gives every image's decoded shape from the
     file headers (read once, when the set is listed). Use `dn2_jax.pipeline.batches` to stream it.
+    Per image it holds its packed path (`PackedPaths`) and a 4-byte shape code: a few dozen bytes.
     """
 
     def __init__(self, paths: Sequence[str], shapes: Sequence[tuple[int, ...]], *, max_pixels: int):
         if len(paths) != len(shapes):
             raise DN2Error(f"{len(paths)} paths but {len(shapes)} shapes")
-        self.paths = list(paths)
+        self.paths = paths if isinstance(paths, PackedPaths) else PackedPaths(paths)
         self._rgb = any(len(sh) == 3 for sh in shapes)
-        one: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape: 8 bytes an image, not ~64
-        self._shapes = [one.setdefault(sh, sh) for sh in (tuple(sh[:2]) + (3,) if self._rgb else tuple(sh)
-                                                         for sh in shapes)]
+        table: dict[tuple[int, ...], int] = {}  # distinct shapes -> code
+        self._codes = np.fromiter((table.setdefault(sh, len(table)) for sh in (
+            tuple(sh[:2]) + (3,) if self._rgb else tuple(sh) for sh in shapes)), np.int32, len(shapes))
+        self._table = list(table)
         self.max_pixels = max_pixels
-        self.uniform = len(set(self._shapes)) <= 1
+        self.uniform = len(self._table) <= 1
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __repr__(self) -> str:
-        return f"FolderImages({len(self)} files, {len(set(self._shapes))} shape(s))"
+        return f"FolderImages({len(self)} files, {len(self._table)} shape(s))"
 
     dtype = np.dtype(np.uint8)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """(N, H, W[, 3]) when every image has one shape (there is no shape otherwise: AttributeError)."""
-        if not self.uniform or not self._shapes:
+        if not self.uniform or not self._table:
             raise AttributeError(f"{self!r} has no single shape")
-        return (len(self), *self._shapes[0])
+        return (len(self), *self._table[0])
 
     @property
     def ndim(self) -> int:
@@ -501,7 +571,7 @@ class FolderImages(Sequence):
 
     def shapes(self) -> list[tuple[int, ...]]:
         """(H, W) or (H, W, 3) of each image, as decoded, without decoding."""
-        return list(self._shapes)
+        return [self._table[c] for c in self._codes.tolist()]
 
     def _decode(self, i: int) -> np.ndarray:
         image = decode_image(self.paths[i], max_pixels=self.max_pixels)
@@ -521,23 +591,24 @@ class FolderImages(Sequence):
         idx = np.arange(len(self))[key]  # slices, integer arrays, boolean masks: numpy's rules
         images = [self._decode(int(i)) for i in np.atleast_1d(idx)]
         if self.uniform:
-            return np.stack(images) if images else np.empty((0, *self._shapes[0]), np.uint8)
+            return np.stack(images) if images else np.empty((0, *self._table[0]), np.uint8)
         return images
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> FolderImages:
         """The images at `indices`, still lazy (shapes kept, including the set's RGB promotion)."""
         out = FolderImages.__new__(FolderImages)
         idx = np.asarray(indices, np.int64)
-        out.paths = [self.paths[int(i)] for i in idx]
+        out.paths = PackedPaths(self.paths[int(i)] for i in idx)
         out._rgb, out.max_pixels = self._rgb, self.max_pixels
-        out._shapes = [self._shapes[int(i)] for i in idx]
-        out.uniform = len(set(out._shapes)) <= 1
+        used, codes = np.unique(self._codes[idx], return_inverse=True)
+        out._codes, out._table = codes.astype(np.int32), [self._table[c] for c in used.tolist()]
+        out.uniform = len(out._table) <= 1
         return out
 
     def __array__(self, dtype=None, copy=None):
         """Every image decoded into one array (images of one shape only)."""
         if not self.uniform:
-            raise DN2Error(f"{len(self)} images of {len(set(self._shapes))} sizes do not make one array")
+            raise DN2Error(f"{len(self)} images of {len(self._table)} sizes do not make one array")
         out = self[:]
         return out if dtype is None else out.astype(dtype)
 
@@ -615,10 +686,10 @@ def open_images(paths: Sequence[str], *, on_error: str = "raise", max_pixels: in
 
 
 def _list_folders(folders: list[tuple[str, int]], on_error: str, max_pixels: int
-                  ) -> tuple[FolderImages, np.ndarray, list[str], tuple[tuple[str, str], ...]]:
+                  ) -> tuple[FolderImages, np.ndarray, PackedPaths, tuple[tuple[str, str], ...]]:
     """The image files of each (folder, label), opened with `open_images`: (images, labels, paths, skipped).
     A folder with no image, or none that passes, raises naming it."""
-    shapes, labels, paths, skipped = [], [], [], []
+    shapes, labels, paths, skipped = [], [], PackedPaths(), []
     for folder, label in folders:
         files = _list_images(folder)
         if not files:
@@ -627,11 +698,11 @@ def _list_folders(folders: list[tuple[str, int]], on_error: str, max_pixels: int
         if not len(images):
             raise DN2FileError(f"class folder {folder}: none of its {len(files)} images decodes ({bad[0][1]})")
         shapes += images.shapes()
-        paths += images.paths
-        labels += [label] * len(images)
+        paths.extend(images.paths)
+        labels.append(np.full(len(images), label, np.int64))
         skipped += bad
-    return (FolderImages(paths, shapes, max_pixels=max_pixels), np.asarray(labels, np.int64), paths,
-            tuple(skipped))
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return FolderImages(paths, shapes, max_pixels=max_pixels), labels, paths, tuple(skipped)
 
 
 def one_size(images: Images) -> bool:

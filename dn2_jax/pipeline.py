@@ -151,7 +151,7 @@ def to_device(stream: Iterable[Batch], *, size: int = 2,
 def image_shapes(images: Any, indices: Sequence[int] | np.ndarray) -> list[tuple[int, ...]]:
     """Shape of each ``images[i]`` for i in `indices`: without reading pixels for arrays and for sources with
     a ``shapes()`` method (`FolderImages` reads file headers once); other sources are read item by item."""
-    if isinstance(images, np.ndarray):
+    if isinstance(images, np.ndarray) or (getattr(images, "uniform", False) is True and len(indices)):  # one shape
         return [tuple(images.shape[1:])] * len(indices)
     if hasattr(images, "shapes"):
         shapes = images.shapes()
@@ -163,7 +163,7 @@ def order_by_shape(images: Any, indices: Any) -> np.ndarray:
     """`indices` reordered so same-shaped images are adjacent (groups in order of first appearance, stable
     inside a group): the row order of a store, where every batch then holds one shape."""
     indices = np.asarray(indices, np.int64)
-    if isinstance(images, np.ndarray) or len(indices) == 0:
+    if isinstance(images, np.ndarray) or getattr(images, "uniform", False) is True or len(indices) == 0:
         return indices
     groups: dict[tuple[int, ...], list[int]] = {}
     for j, shape in enumerate(image_shapes(images, indices)):

@@ -45,7 +45,7 @@ class Source:
     """
 
     images: Any
-    names: list[str]
+    names: Sequence[str]
     store: Path | None = None
     labels: np.ndarray | None = None
     skipped: tuple[tuple[str, str], ...] = ()
@@ -202,7 +202,7 @@ def load_detector(path: str | os.PathLike, **overrides: Any) -> tuple[Any, str |
 class ScoreReport:
     """Scores of a source by a detector: per image its name and `query` fields (see `Detector.query`)."""
 
-    names: list[str]
+    names: Sequence[str]
     query: Any  # dn2_jax.detector.Query
     k: int
     fpr: float

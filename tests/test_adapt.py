@@ -28,9 +28,9 @@ def _adapt(cfg, **kw):
 
 @pytest.fixture(scope="module")
 def panda_runs():
-    free = adapt.AdaptConfig(epochs=8, batch_size=8, learning_rate=0.05, anchor="none", freeze=())
+    free = adapt.AdaptConfig(epochs=8, batch_size=8, learning_rate=0.05, anchor="none", freeze=(), bn="frozen")
     anchored = adapt.AdaptConfig(epochs=8, batch_size=8, learning_rate=0.05, anchor="l2sp", anchor_weight=1.0,
-                                 freeze=())
+                                 freeze=(), bn="frozen")
     return _adapt(free), _adapt(anchored)
 
 
@@ -54,7 +54,7 @@ def test_msc_loss_falls():
 def test_gradient_matches_finite_differences(method):
     """d/dt loss(θ + t·v) by jax.grad against central differences, in float64 (no rounding noise)."""
     rng = np.random.default_rng(1)
-    cfg = adapt.AdaptConfig(method=method, anchor="l2sp", anchor_weight=0.1)
+    cfg = adapt.AdaptConfig(method=method, anchor="l2sp", anchor_weight=0.1, bn="frozen")
     with jax.enable_x64(True):
         v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables())
         anchor = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape), v["params"])
@@ -80,7 +80,7 @@ def test_gradient_matches_finite_differences(method):
 
 def test_bn_policies_and_frozen_modules():
     base = variables()
-    cfg = adapt.AdaptConfig(epochs=1, batch_size=8, learning_rate=0.05, freeze=("conv0", "bn0"))
+    cfg = adapt.AdaptConfig(epochs=1, batch_size=8, learning_rate=0.05, freeze=("conv0", "bn0"), bn="frozen")
     frozen, _ = _adapt(cfg)
     batch, _ = _adapt(adapt.AdaptConfig(epochs=1, batch_size=8, learning_rate=0.05, freeze=("conv0", "bn0"),
                                         bn="batch"))
@@ -91,6 +91,12 @@ def test_bn_policies_and_frozen_modules():
     for v in (frozen, batch):
         assert same(v["params"]["conv0"], base["params"]["conv0"]) and same(v["params"]["bn0"], base["params"]["bn0"])
         assert not same(v["params"]["conv1"], base["params"]["conv1"])
+
+
+def test_method_defaults_are_resolved_and_recorded():
+    panda, msc = adapt.AdaptConfig(), adapt.AdaptConfig(method="msc")
+    assert (panda.bn, panda.lr, msc.bn, msc.lr) == ("batch", 1e-4, "frozen", 1e-5)
+    assert panda.to_dict()["bn"] == "batch" and adapt.AdaptConfig(bn="frozen").bn == "frozen"
 
 
 def test_default_freeze_per_family():

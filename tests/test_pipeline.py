@@ -63,6 +63,33 @@ def test_folder_source_decodes_nothing_up_front(tmp_path, monkeypatch):
     assert calls == [ds.paths[3]]
 
 
+def test_packed_paths_are_a_sequence_of_the_same_strings(monkeypatch):
+    monkeypatch.setattr(data.PackedPaths, "CHUNK", 4)  # several chunks, the last one partial
+    names = [f"/d/{'x' * (i % 5)}{i}.png" for i in range(11)] + ["/d/caf\u00e9.png", "/d/bad\udcff.png"]
+    packed = data.PackedPaths(names[:6])
+    packed.extend(names[6:9])  # refills the partial last chunk
+    packed.extend(iter(names[9:]))
+    assert len(packed) == len(names) and list(packed) == names and packed == names and packed == tuple(names)
+    assert [packed[i] for i in range(-len(names), len(names))] == names + names
+    assert packed[2:9:3] == names[2:9:3] and packed[np.array([12, 0])] == [names[12], names[0]]
+    assert packed != names[:-1] and packed != names[:-1] + ["/d/other.png"]
+    with pytest.raises(IndexError):
+        packed[len(names)]
+    assert len(data.PackedPaths()) == 0 and list(data.PackedPaths()) == []
+
+
+def test_folder_subset_keeps_paths_and_shapes(tmp_path):
+    root = _folder(tmp_path / "f", gray_every=2)
+    ds = data.load_dataset(f"folder:{root}", "all")
+    assert isinstance(ds.paths, data.PackedPaths) and ds.images.paths is ds.paths
+    sub = ds.images.subset([9, 3, 1])
+    assert sub.paths == [ds.paths[9], ds.paths[3], ds.paths[1]]
+    assert sub.shapes() == [ds.images.shapes()[i] for i in (9, 3, 1)] and not sub.uniform
+    one = ds.images.subset([1, 3])  # both (4, 7): one shape, so one array
+    assert one.uniform and one.shape == (2, 4, 7, 3) and np.asarray(one).shape == (2, 4, 7, 3)
+    assert pipeline.order_by_shape(one, np.array([1, 0])).tolist() == [1, 0]
+
+
 def test_batches_equal_the_eager_path_bit_for_bit(tmp_path):
     root = _folder(tmp_path / "f", sizes=((6, 5), (4, 7), (6, 5)), per_class=7, gray_every=4)
     ds = data.load_dataset(f"folder:{root}", "all")

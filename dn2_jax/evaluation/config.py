@@ -79,7 +79,7 @@ class EvalConfig:
     adapt: str | None = _field(None, "adapt the backbone to each normal class before DN2: panda or msc "
                                "(dn2_jax.adapt; slow on CPU)", ("semi",), choices=("panda", "msc"))
     adapt_epochs: int = _field(10, "adaptation epochs over the class's bank images", ("semi",))
-    adapt_lr: float | None = _field(None, "adaptation learning rate (default: 1e-2 PANDA, 1e-5 MSC)", ("semi",))
+    adapt_lr: float | None = _field(None, "adaptation learning rate (default: 1e-4 PANDA, 1e-5 MSC)", ("semi",))
     adapt_batch_size: int = _field(32, "images per adaptation step", ("semi",))
     level: str = _field("image", _detector_help("level") + "; at level patch results.json also holds pixel ROC-AUC "
                         "and AUPRO where the MVTec folder has ground_truth masks, and maps.png shows maps",
