@@ -477,7 +477,16 @@ class PackedPaths(Sequence):
 
     def extend(self, paths: Iterable[str]) -> None:
         """Append paths (only while the sequence is being built: it is shared, not copied, by its holders)."""
-        it = iter(paths)
+        self._extend_encoded(map(os.fsencode, paths))
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> PackedPaths:
+        """The paths at `indices`, packed (their bytes copied as they are, nothing decoded)."""
+        out = PackedPaths()
+        out._extend_encoded(self._encoded(int(i)) for i in np.asarray(indices, np.int64))
+        return out
+
+    def _extend_encoded(self, encoded: Iterable[bytes]) -> None:
+        it = iter(encoded)
         tail: list[bytes] = []
         if self._blobs and len(self._ends[-1]) < self.CHUNK:  # refill the last chunk first
             tail = self._chunk_bytes(len(self._blobs) - 1)
@@ -485,7 +494,7 @@ class PackedPaths(Sequence):
             self._blobs.pop()
             self._ends.pop()
         while True:
-            enc = tail + [os.fsencode(p) for p in itertools.islice(it, self.CHUNK - len(tail))]
+            enc = tail + list(itertools.islice(it, self.CHUNK - len(tail)))
             tail = []
             if not enc:
                 return
@@ -500,17 +509,19 @@ class PackedPaths(Sequence):
         starts = np.r_[0, ends[:-1]]
         return [blob[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
+    def _encoded(self, i: int) -> bytes:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"path {i} of {self._len}")
+        c, j = divmod(i % self._len, self.CHUNK)
+        ends = self._ends[c]
+        return self._blobs[c][int(ends[j - 1]) if j else 0 : int(ends[j])]
+
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-            i = int(key)
-            if not -self._len <= i < self._len:
-                raise IndexError(f"path {i} of {self._len}")
-            c, j = divmod(i % self._len, self.CHUNK)
-            ends = self._ends[c]
-            return os.fsdecode(self._blobs[c][int(ends[j - 1]) if j else 0 : int(ends[j])])
+            return os.fsdecode(self._encoded(int(key)))
         return [self[int(i)] for i in np.arange(self._len)[key]]
 
     def __iter__(self) -> Iterator[str]:
@@ -598,7 +609,7 @@ class FolderImages(Sequence):
         """The images at `indices`, still lazy (shapes kept, including the set's RGB promotion)."""
         out = FolderImages.__new__(FolderImages)
         idx = np.asarray(indices, np.int64)
-        out.paths = PackedPaths(self.paths[int(i)] for i in idx)
+        out.paths = self.paths.take(idx)
         out._rgb, out.max_pixels = self._rgb, self.max_pixels
         used, codes = np.unique(self._codes[idx], return_inverse=True)
         out._codes, out._table = codes.astype(np.int32), [self._table[c] for c in used.tolist()]

@@ -73,6 +73,7 @@ def test_packed_paths_are_a_sequence_of_the_same_strings(monkeypatch):
     assert [packed[i] for i in range(-len(names), len(names))] == names + names
     assert packed[2:9:3] == names[2:9:3] and packed[np.array([12, 0])] == [names[12], names[0]]
     assert packed != names[:-1] and packed != names[:-1] + ["/d/other.png"]
+    assert packed.take([12, 3, -1, 0]) == [names[12], names[3], names[-1], names[0]] and packed.take([]) == []
     with pytest.raises(IndexError):
         packed[len(names)]
     assert len(data.PackedPaths()) == 0 and list(data.PackedPaths()) == []
