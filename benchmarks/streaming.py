@@ -80,17 +80,22 @@ def size_folder(root: Path, n: int) -> Path:
     return out
 
 
-def rss_child(folder: str, n: int) -> dict:
+def embed_folder(folder: str, store: Path):
+    """What each size runs: `embed_split` (as `dn2 embed`) of the folder with the pixels backbone into `store`."""
     from dn2_jax.detector import DetectorConfig
     from dn2_jax.evaluation.features import embed_split
+
+    return embed_split(store, DetectorConfig(backbone="pixels", batch_size=256), f"folder:{folder}", "all")
+
+
+def rss_child(folder: str, n: int) -> dict:
     from dn2_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # as the dn2 command does
     base = rss_bytes()
     with tempfile.TemporaryDirectory(prefix="dn2-stream-store-") as tmp:
         t = time.perf_counter()
-        st = embed_split(Path(tmp) / "store", DetectorConfig(backbone="pixels", batch_size=256), f"folder:{folder}",
-                         "all")
+        st = embed_folder(folder, Path(tmp) / "store")
         seconds = time.perf_counter() - t
         assert st.count == n, (st.count, n)
         dim = st.dim

@@ -24,8 +24,6 @@ MB = 2**20
 
 def child(folder: str) -> None:
     from dn2_jax import data
-    from dn2_jax.detector import DetectorConfig
-    from dn2_jax.evaluation.features import embed_split
     from dn2_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()
@@ -35,7 +33,7 @@ def child(folder: str) -> None:
     top = tracemalloc.take_snapshot().statistics("lineno")[:5]
     tracemalloc.reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
-        embed_split(Path(tmp) / "store", DetectorConfig(backbone="pixels", batch_size=256), f"folder:{folder}", "all")
+        streaming.embed_folder(folder, Path(tmp) / "store")
         peak = tracemalloc.get_traced_memory()[1]
     print(f"N={len(ds)}: listed dataset holds {held / MB:.1f} MB traced; peak while embedding {peak / MB:.1f} MB")
     for st in top:
