@@ -100,7 +100,7 @@ from dn2_jax.patch import (
 )
 from dn2_jax.patch_detector import PatchDetector, fit_patch_detector, map_names, score_with_maps
 from dn2_jax.pixel_metrics import aupro, load_mvtec_masks, mask_path, pixel_roc_auc, pro_curve
-from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, SetPool, fit_set_pool
+from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, SetPool, composition_probs, compositions, fit_set_pool
 from dn2_jax.preprocessing import PRESETS, Preset, preprocess
 from dn2_jax.protocols import (
     contaminated_bank,
@@ -151,7 +151,8 @@ __all__ = [
     "adapt_to_weights", "AdaptConfig", "aggregate_patches", "anomaly_maps", "approx_knn", "atomic_write_bytes",
     "atomic_write_json", "atomic_write_text", "aupro", "BACKBONES", "BackboneSpec", "bank_center", "blocked_knn",
     "build_bank", "check_exclude", "check_features", "check_store_path", "check_writable", "clean", "clean_bank",
-    "CLEAN_RULES", "CleanResult", "clear_embed_cache", "contaminated_bank", "convert_checkpoint", "coreset_rows",
+    "CLEAN_RULES", "CleanResult", "clear_embed_cache", "composition_probs", "compositions",
+    "contaminated_bank", "convert_checkpoint", "coreset_rows",
     "coreset_select", "coreset_select_numpy", "coreset_select_stream", "coreset_size", "data_mesh", "Dataset",
     "DATASET_NAMES", "dataset_source", "decode_image", "decode_images", "DEFAULT_CLEAN", "default_layers",
     "DEFAULT_POOL", "default_weights", "Detector", "DetectorConfig", "DN2Error", "DN2FileError", "embed",

@@ -307,14 +307,14 @@ def cmd_fit(args) -> None:
         det = fit_patch_detector(config, source, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}: patch bank of {det.bank_size} patches from {det.images} normal images "
               f"({det.patch_fn.grid}x{det.patch_fn.grid} patches of {det.patch_fn.feature_dim} dims each, layers "
-              f"{','.join(det.patch_fn.layers)}), k={det.config.k}, threshold {det.threshold:.6g} (target FPR "
+              f"{','.join(det.patch_fn.layers)}), k={det.k}, threshold {det.threshold:.6g} (target FPR "
               f"{det.config.fpr})")
         return
     det = scoring.fit_detector(config, source, args.out, overwrite=args.overwrite)
     cleaned = "" if det.config.clean == "none" else f" (cleaning '{det.config.clean}' kept {det.bank_size} of " \
         f"{len(source)})"
     estimate = "" if det.contamination is None else f", estimated contamination {det.contamination:.3f}"
-    print(f"wrote {args.out}: {det.bank_size} normal images{cleaned}, k={det.config.k}, threshold "
+    print(f"wrote {args.out}: {det.bank_size} normal images{cleaned}, k={det.k}, threshold "
           f"{det.threshold:.6g} (target FPR {det.config.fpr}){estimate}")
 
 

@@ -83,7 +83,9 @@ class DetectorConfig:
     input_size: int | None = _field(None, "input (crop) size in pixels fed to the backbone (default: its preset)")
     dtype: str = _field("float32", "backbone compute dtype (features are float32 either way)", choices=DTYPES)
     normalize: bool = _field(True, "L2-normalise features before kNN (the measured default; off = raw features)")
-    k: int = _field(2, "nearest bank images averaged in the score")
+    k: int | None = _field(None, "nearest bank images averaged in the score (default: 2, the paper's; after "
+                           "cleaning with a rule that scores with a share of the kept bank ('fixed'), that share: "
+                           "see clean)")
     clean: str = _field("none", f"cleaning of a contaminated bank before calibration: {_clean_rules_help()}",
                         choices=cleaning.CLEAN_RULES)
     clean_fraction: float | None = _field(None, "share of the bank cleaning drops in all (adaptive: at most), in "
@@ -134,7 +136,7 @@ class DetectorConfig:
             raise DN2Error(f"normalize must be True or False, got {self.normalize!r}")
         for name in ("k", "batch_size"):
             value = getattr(self, name)
-            if not is_int(value) or value < 1:
+            if (value is not None or name != "k") and (not is_int(value) or value < 1):
                 raise DN2Error(f"{name} must be a positive int, got {value!r}")
         if self.clean not in cleaning.CLEAN_RULES:
             raise DN2Error(f"clean must be one of {', '.join(cleaning.CLEAN_RULES)}, got {self.clean!r}")
@@ -197,7 +199,7 @@ class DetectorConfig:
         from dn2_jax.patch import PatchConfig
 
         kw = {n: getattr(self, n) for n in PATCH_OPTIONS if getattr(self, n) is not None}
-        return PatchConfig(**kw, k=self.k, input_size=self.input_size)
+        return PatchConfig(**kw, k=self.score_k(), input_size=self.input_size)
 
     def replace(self, **changes: Any) -> DetectorConfig:
         """A copy with `changes` (validated); unknown names raise DN2Error listing the fields."""
@@ -207,6 +209,18 @@ class DetectorConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data."""
         return dataclasses.asdict(self)
+
+    def score_k(self, n_kept: int | None = None) -> int:
+        """The k of the DN2 score over a bank of n_kept rows: `k`, else the cleaning rule's
+        (`cleaning.CleanSettings.score_k_for`: a share of the kept rows for 'fixed', else the paper's 2)."""
+        if self.k is not None:
+            return self.k
+        settings = self.clean_settings()
+        if settings.score_share is None or self.level == "patch":
+            return cleaning.PAPER_K
+        if n_kept is None:
+            raise DN2Error(f"the k of cleaning rule {self.clean!r} depends on the bank size: pass n_kept")
+        return settings.score_k_for(n_kept)
 
     def clean_settings(self) -> cleaning.CleanSettings:
         """The cleaning rule with its options resolved (None = the rule's default)."""
@@ -593,16 +607,28 @@ class Detector:
         n = len(features)
         ids = np.arange(n, dtype=np.int64) if ids is None else _check_ids(ids, n)
         paths = None if paths is None else _check_paths(paths, n)
-        k = self.config.k
+        k = self.config.score_k(n)
         if self.config.clean == "none" and k > n - 1:
             raise DN2Error(f"k={k} needs a bank of at least {k + 1} images (k neighbours for the leave-one-out "
                            f"calibration), got {n}")
         kept, contamination = self._clean(features)
+        k = self._resolve_k(len(kept))
         if k > len(kept) - 1:
             raise DN2Error(f"k={k} needs at least {k + 1} bank images after cleaning, but cleaning kept "
                            f"{len(kept)} of {n}; lower k or clean_fraction, or fit more images")
         self._install(features, ids, paths, kept, None)
         self._contamination = contamination
+
+    def _resolve_k(self, n_kept: int) -> int:
+        return self.config.score_k(n_kept)
+
+    @property
+    def k(self) -> int:
+        """Nearest bank images averaged in the score: `config.k`, or when that is None the cleaning rule's
+        (`DetectorConfig.score_k`: a share of the kept bank for 'fixed', else the paper's 2)."""
+        if self.config.k is not None or self.config.clean_settings().score_share is None:
+            return self.config.score_k()
+        return self.config.score_k(len(self._fitted()[1]))
 
     def _install(self, features: np.ndarray, ids: np.ndarray, paths: list[str] | None, kept: np.ndarray,
                  calibration: np.ndarray | None) -> None:
@@ -611,7 +637,8 @@ class Detector:
         bank = jnp.asarray(features[kept])
         norms = knn.squared_norms(bank)
         if calibration is None:
-            calibration = np.asarray(knn.self_knn_score(bank, self.config.k, bank_sq_norms=norms), np.float32)
+            k = self._resolve_k(len(kept))
+            calibration = np.asarray(knn.self_knn_score(bank, k, bank_sq_norms=norms), np.float32)
         self._features, self._ids, self._paths, self._kept = features, ids, paths, np.asarray(kept, np.int64)
         self._calibration = np.asarray(calibration, np.float32)
         self._sorted_calibration = np.sort(self._calibration)
@@ -628,7 +655,7 @@ class Detector:
     def _check_k(self, k: Any) -> int:
         n = len(self._fitted()[1])
         if k is None:
-            return self.config.k
+            return self.k
         if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)) or not 1 <= k <= n:
             raise DN2Error(f"k must be an int in [1, {n}] (the bank size), got {k!r}")
         return int(k)
@@ -648,7 +675,7 @@ class Detector:
         return self._scores(self._prepare(features, "features"))
 
     def _scores(self, feats: np.ndarray) -> np.ndarray:
-        return self._knn(feats, self.config.k)[0].mean(axis=1, dtype=np.float32)
+        return self._knn(feats, self.k)[0].mean(axis=1, dtype=np.float32)
 
     def score(self, images: Any) -> np.ndarray:
         """(M,) float32 DN2 scores (mean squared distance to the k nearest bank features), higher = more
@@ -698,8 +725,8 @@ class Detector:
         return self._query(self._query_features(images, "images"), k)
 
     def _query(self, feats: np.ndarray, k: int) -> Query:
-        d, i = self._knn(feats, max(k, self.config.k))
-        scores = d[:, : self.config.k].mean(axis=1, dtype=np.float32)
+        d, i = self._knn(feats, max(k, self.k))
+        scores = d[:, : self.k].mean(axis=1, dtype=np.float32)
         return Query(scores=scores, p_values=self._p_values(scores), anomalous=scores > np.float32(self.threshold),
                      neighbours=self._labels(i[:, :k]), neighbour_sq_dists=d[:, :k])
 
@@ -792,9 +819,9 @@ class Detector:
                 or len(kept) != manifest["bank_size"] or (paths is not None and len(paths) != len(features))
                 or np.any(kept < 0) or np.any(kept >= len(features))):
             raise DN2FileError(f"detector '{path}' is damaged: its bank, calibration and {MANIFEST} disagree")
-        if det.config.k > len(kept) - 1:
-            raise DN2Error(f"k={det.config.k} needs a bank of at least {det.config.k + 1} images, this detector's "
-                           f"has {len(kept)}")
+        k = det._resolve_k(len(kept))
+        if k > len(kept) - 1:
+            raise DN2Error(f"k={k} needs a bank of at least {k + 1} images, this detector's has {len(kept)}")
         det._install(features, ids, paths, kept, calibration if det.config.k == saved_config.k else None)
         det._contamination = manifest.get("contamination")
         return det

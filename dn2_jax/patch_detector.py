@@ -236,8 +236,8 @@ class PatchDetector(Detector):
             bank = _gather_rows(chunks(), rows, per_image, dim)
         owners = (rows // per_image).astype(np.int64)
         owned = np.bincount(owners, minlength=n)
-        if len(bank) - owned.max() < self.config.k:
-            raise DN2Error(f"k={self.config.k}: the bank has {len(bank)} patches, {owned.max()} of them from one "
+        if len(bank) - owned.max() < self.k:
+            raise DN2Error(f"k={self.k}: the bank has {len(bank)} patches, {owned.max()} of them from one "
                            "image; leave-one-image-out calibration needs k from the others: raise coreset or lower "
                            "k")
         self._install_patch(bank, owners, paths, n, None)
@@ -275,7 +275,7 @@ class PatchDetector(Detector):
         patches of the same image (the k nearest among the others: k + the most rows one image owns are
         searched, the image's own dropped). PatchCore's re-weighting uses the whole bank."""
         b, g, _, dim = patches.shape
-        k = self.config.k
+        k = self.k
         extra = int(np.bincount(owners[0]).max())
         kk = min(k + extra, len(owners[0]))
         q = patches.reshape(-1, dim)
@@ -345,7 +345,7 @@ class PatchDetector(Detector):
             s = np.empty(patches.shape[:3], np.float32).reshape(-1)
             q = patches.reshape(-1, patches.shape[-1])
             for a in range(0, len(q), QUERY_ROWS):
-                d, _ = knn(q[a : a + QUERY_ROWS], bank, self.config.k, bank_sq_norms=norms)
+                d, _ = knn(q[a : a + QUERY_ROWS], bank, self.k, bank_sq_norms=norms)
                 s[a : a + QUERY_ROWS] = np.sqrt(np.maximum(np.asarray(d, np.float32).mean(axis=1), 0.0))
             s = s.reshape(patches.shape[:3])
             pscores[idx], img[idx] = s, self._reduce(patches, s)
@@ -466,7 +466,7 @@ def score_with_maps(det: PatchDetector, source: Any, out_dir: str | os.PathLike)
         fileio.publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ScoreReport(list(source.names), query, det.config.k, det.config.fpr, det.threshold, source)
+    return ScoreReport(list(source.names), query, det.k, det.config.fpr, det.threshold, source)
 
 
 def _short(name: str, width: int = 32) -> str:

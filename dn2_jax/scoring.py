@@ -194,8 +194,9 @@ def load_detector(path: str | os.PathLike, **overrides: Any) -> tuple[Any, str |
     det = Detector.load(path, **overrides)
     if det.config.k == fitted_k:
         return det, None
-    return det, (f"the detector was fitted at k={fitted_k}; its threshold and p-values are recomputed for "
-                 f"k={det.config.k} (leave-one-out on its bank)")
+    fitted = f"k={fitted_k}" if fitted_k is not None else "its cleaning rule's k (a share of its bank)"
+    return det, (f"the detector was fitted at {fitted}; its threshold and p-values are recomputed for "
+                 f"k={det.k} (leave-one-out on its bank)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +238,7 @@ def score_source(det, source: Source) -> ScoreReport:
         query = det.query_features(distributed.embed_shares(lambda x: det.embed(x, raw=True), source.images))
     else:
         query = det.query(source.store if source.store is not None else source.images)
-    return ScoreReport(list(source.names), query, det.config.k, det.config.fpr, det.threshold, source)
+    return ScoreReport(list(source.names), query, det.k, det.config.fpr, det.threshold, source)
 
 
 def format_report(report: ScoreReport, limit: int | None = None) -> str:

@@ -8,7 +8,8 @@ Protocol (features from scripts/study_features.py: Lite0 224x224, L2-normalised)
 For each normal class c and contamination r, the bank is dn2_jax.protocols.contaminated_bank(labels, c, r,
 bank_size = the number of pool images of class c, seed = seed + c): round(r * n) images of the other classes,
 the rest of class c. The DN2 score uses k = 2 (the paper's) against the kept rows; ROC-AUC per class, mean over
-the 10 classes.
+the 10 classes. The DN2 score's k is each rule's (`CleanSettings.score_k_for`: the paper's k = 2, or a share of the
+kept rows for 'fixed'); the one-round table scans it (--score-ks).
 
 Leave-one-out and query distances are exact, computed here with NumPy from one distance matrix per bank (the
 rules only see them through clean_bank's ``self_score`` callable), which avoids a jit compile per kept-bank
@@ -71,6 +72,12 @@ class Bank:
     def score(self, kept: np.ndarray, k: int = SCORE_K) -> np.ndarray:
         return np.partition(self.dqb[:, kept], k - 1, axis=1)[:, :k].mean(1)
 
+    def scores(self, kept: np.ndarray, ks) -> dict[int, np.ndarray]:
+        """{k: score} for several k from one partial sort of the query distances."""
+        near = np.sort(np.partition(self.dqb[:, kept], max(ks) - 1, axis=1)[:, : max(ks)], axis=1)
+        means = np.cumsum(near, axis=1) / np.arange(1, max(ks) + 1)
+        return {k: means[:, k - 1] for k in ks}
+
 
 def auc(scores, anomalous) -> float:
     return float(roc_auc(np.asarray(scores, np.float32), np.asarray(anomalous)))
@@ -94,7 +101,10 @@ def run(f, phase: str, ratios, methods: dict, seed: int) -> dict:
             est_default = estimate_contamination(bank.self_score(bank.x, default_k))
             for m, kw in methods.items():
                 res = clean_bank(bank.x, self_score=bank.self_score, **kw)
-                rows[m].append((auc(bank.score(res.keep), anomalous), contaminant[res.keep].sum(),
+                settings = resolve_rule(kw.get("rule", DEFAULT_CLEAN), loo_k=kw.get("loo_k"),
+                                        fraction=kw.get("fraction"), rounds=kw.get("rounds"))
+                score = bank.score(res.keep, settings.score_k_for(len(res.keep)))
+                rows[m].append((auc(score, anomalous), contaminant[res.keep].sum(),
                                 len(res.keep), contaminant.sum(),
                                 est_default if res.contamination is None else res.contamination))
         for m, v in rows.items():
@@ -115,9 +125,9 @@ def main_table(f, phase, ratios, seed) -> None:
     methods = {"none": dict(rule="none"), "paper": dict(rule="paper"), f"default ({DEFAULT_CLEAN})": {}}
     res = run(f, phase, ratios, methods, seed)
     clean_auc = res[("none", 0.0)]["auc"] if 0.0 in ratios else None
-    print(f"\n## Unsupervised cleaning, phase={phase}: mean ROC-AUC over 10 classes (k = {SCORE_K})")
+    print(f"\n## Unsupervised cleaning, phase={phase}: mean ROC-AUC over 10 classes (score k: each rule's)")
     if clean_auc is not None:
-        print(f"clean bank (r = 0, no cleaning): {clean_auc:.1f}")
+        print(f"clean bank (r = 0, no cleaning): {clean_auc:.2f}")
     d = resolve_rule(DEFAULT_CLEAN)
     print(f"default = {d.rule!r}: {d.describe()}; estimated contamination = estimate_contamination of the "
           f"default leave-one-out scores of the input bank")
@@ -127,7 +137,7 @@ def main_table(f, phase, ratios, seed) -> None:
     for r in ratios:
         n, p, d = (res[(m, r)] for m in methods)
         est = "-" if d["est"] is None else f"{d['est']:.1f}"
-        print(f"| {r:g} | {n['auc']:.1f} | {p['auc']:.1f} | {d['auc']:.1f} | {n['had']:.0f} | {p['left']:.1f} | "
+        print(f"| {r:g} | {n['auc']:.2f} | {p['auc']:.2f} | {d['auc']:.2f} | {n['had']:.0f} | {p['left']:.1f} | "
               f"{d['left']:.1f} | {est} |")
 
 
@@ -166,13 +176,13 @@ def ablation(f, phase, ratios, seed, ks, fractions, rounds_list) -> None:
     print("\nbest by mean AUC: " + "; ".join(f"{m} {v:.2f}" for v, m in ranked[:5]))
 
 
-def one_round_ablation(f, phase, ratios, seed, ks, fractions) -> None:
-    """One-round 'fixed' cleaning for many (loo k, fraction) at once: each bank row's sorted distances to its
-    max(ks) nearest other rows are computed once, so every k's leave-one-out score is a prefix mean (fast on
-    full-size banks, where the grid of `ablation` takes hours)."""
+def one_round_ablation(f, phase, ratios, seed, ks, fractions, score_ks=(SCORE_K,)) -> None:
+    """One-round 'fixed' cleaning for many (loo k, fraction, score k) at once: each bank row's sorted distances
+    to its max(ks) nearest other rows are computed once, so every k's leave-one-out score is a prefix mean (fast
+    on full-size banks, where the grid of `ablation` takes hours); likewise the queries' for every score k."""
     print(f"\n## One-round ablation, phase={phase}: mean ROC-AUC (contaminants left per bank)")
-    print("| loo k | drop | " + " | ".join(f"r = {r:g}" for r in ratios) + " | mean |")
-    print("|---|---|" + "---|" * (len(ratios) + 1))
+    print("| loo k | drop | score k | " + " | ".join(f"r = {r:g}" for r in ratios) + " | mean |")
+    print("|---|---|---|" + "---|" * (len(ratios) + 1))
     res: dict = {}
     kmax = max(ks)
     for r in ratios:
@@ -180,18 +190,20 @@ def one_round_ablation(f, phase, ratios, seed, ks, fractions) -> None:
             n = len(bank.x)
             near = np.sort(np.partition(bank.dbb, kmax - 1, axis=1)[:, :kmax], axis=1)
             means = np.cumsum(near, axis=1) / np.arange(1, kmax + 1)
-            res.setdefault(("none", "-", r), []).append((auc(bank.score(np.arange(n)), anomalous), contaminant.sum()))
+            for sk, s in bank.scores(np.arange(n), score_ks).items():
+                res.setdefault(("none", "-", sk, r), []).append((auc(s, anomalous), contaminant.sum()))
             for k in ks:
                 for fr in fractions:
                     keep = np.sort(np.argsort(means[:, k - 1], kind="stable")[: n - int(np.floor(fr * n))])
-                    res.setdefault((k, fr, r), []).append((auc(bank.score(keep), anomalous), contaminant[keep].sum()))
+                    for sk, s in bank.scores(keep, score_ks).items():
+                        res.setdefault((k, fr, sk, r), []).append((auc(s, anomalous), contaminant[keep].sum()))
     rows = [("none", "-")] + [(k, fr) for k in ks for fr in fractions]
-    for k, fr in rows:
-        cells = [res[(k, fr, r)] for r in ratios]
+    for (k, fr), sk in itertools.product(rows, score_ks):
+        cells = [res[(k, fr, sk, r)] for r in ratios]
         aucs = [100 * np.mean([a for a, _ in c]) for c in cells]
         left = [np.mean([x for _, x in c]) for c in cells]
         drop = "-" if fr == "-" else f"{100 * fr:g}%"
-        print(f"| {k} | {drop} | " + " | ".join(f"{a:.1f} ({x:.0f})" for a, x in zip(aucs, left, strict=True))
+        print(f"| {k} | {drop} | {sk} | " + " | ".join(f"{a:.2f} ({x:.0f})" for a, x in zip(aucs, left, strict=True))
               + f" | {np.mean(aucs):.2f} |", flush=True)
 
 
@@ -207,6 +219,7 @@ def main() -> None:
     ap.add_argument("--rounds", default="1,2,3")
     ap.add_argument("--one-round-ks", default="2,40,100,200,300,500",
                     help="loo k values of the 'one-round' table (fractions: --fractions)")
+    ap.add_argument("--score-ks", default=str(SCORE_K), help="DN2 score k values of the 'one-round' table")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     f = load_features(args.features)
@@ -227,7 +240,7 @@ def main() -> None:
                  [int(x) for x in args.rounds.split(",")])
     if "one-round" in tables:
         one_round_ablation(f, args.phase, ratios, args.seed, [int(k) for k in args.one_round_ks.split(",")],
-                           [float(x) for x in args.fractions.split(",")])
+                           [float(x) for x in args.fractions.split(",")], [int(x) for x in args.score_ks.split(",")])
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 

@@ -9,8 +9,9 @@ makes the sets (an anomalous set misses one class and repeats another).
   val   train sets from the train pool, test sets from the held-out sixth of train (study_features).
   test  train sets from the whole train subsample, test sets from the test subsample.
 The pool is fitted on the normal train images only (every bank-side image of the group classes, of which the
-train sets are drawn); the DN2 score is the mean squared distance
-(k = 2) of a pooled test set to the pooled train sets. Pointwise: each test image scored against those normal train
+train sets are drawn; 'comp' on the normal train sets themselves); the DN2 score is the mean squared distance
+of a pooled test set to its k nearest pooled train sets (k: the pool's, `SetPool.score_k`: 2, or a share of the
+train sets for 'comp'; --score-ks scans it). Pointwise: each test image scored against those normal train
 images (k = 2), averaged over its set. ROC-AUC per class, mean over the 10 classes.
 
     python scripts/study_group.py --features /tmp/dn2-study/fashion_mnist-tr600-te2000-s0.npz --phase val
@@ -50,14 +51,21 @@ def run(f, phase: str, m: int, configs: dict, n_train: int, n_test: int, seed: i
         train_sets, groups = train_test_groups(by, qy, classes, n_train, n_test // 2, n_test - n_test // 2,
                                                seed=seed + c)
         normal_imgs = np.flatnonzero(np.isin(by, classes))  # every train (pool) image of the group classes
+        fitted: dict = {}  # (pool, P, T) -> (SetPool, query-to-train-set squared distances)
         for name, cfg in configs.items():
             if cfg == "pointwise":
                 s = knn_score(qx[groups.sets.ravel()], bx[normal_imgs]).reshape(groups.sets.shape).mean(1)
             else:
-                pool, p, scale = cfg
+                pool, p, scale, k = cfg
                 pooling.TEMPERATURE_SCALE = scale  # the study's knob; the library's value is the chosen one
-                sp = fit_set_pool(bx[normal_imgs], pool, prototypes=p, seed=seed)
-                s = knn_score(np.asarray(sp(qx, groups.sets)), np.asarray(sp(bx, train_sets)))
+                key = (pool, p, scale)
+                if key not in fitted:
+                    sp = (fit_set_pool(bx, pool, sets=train_sets, seed=seed) if pool == "comp"
+                          else fit_set_pool(bx[normal_imgs], pool, prototypes=p, seed=seed))
+                    fitted[key] = (sp, sq_dists(np.asarray(sp(qx, groups.sets)), np.asarray(sp(bx, train_sets))))
+                sp, d = fitted[key]
+                k = sp.score_k(len(train_sets)) if k is None else k
+                s = np.partition(d, k - 1, axis=1)[:, :k].mean(1)
             aucs[name].append(auc(s, groups.anomaly))
     return {name: 100 * float(np.mean(v)) for name, v in aucs.items()}
 
@@ -73,19 +81,24 @@ def main() -> None:
     ap.add_argument("--prototypes", default="8,16,32")
     ap.add_argument("--temperature-scales", default=str(pooling.TEMPERATURE_SCALE),
                     help="values of dn2_jax.pooling.TEMPERATURE_SCALE to try for pools with a 'hist' part")
+    ap.add_argument("--score-ks", default="",
+                    help="DN2 score k values to scan (default: each pool's own, SetPool.score_k)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     f = load_features(args.features)
     t0 = time.perf_counter()
     configs: dict = {"pointwise": "pointwise"}
     scales = [float(t) for t in args.temperature_scales.split(",")]
+    score_ks = [int(k) for k in args.score_ks.split(",")] if args.score_ks else [None]
     for pool in args.pools.split(","):
-        if "hist" not in pool.split("+"):
-            configs[pool] = (pool, 8, 1.0)
-            continue
-        for p in [int(p) for p in args.prototypes.split(",")]:
-            for t in scales:
-                configs[f"{pool} P={p}" + (f" T×{t:g}" if len(scales) > 1 else "")] = (pool, p, t)
+        for k in score_ks:
+            at_k = "" if k is None else f" k={k}"
+            if "hist" not in pool.split("+"):
+                configs[pool + at_k] = (pool, 8, 1.0, k)
+                continue
+            for p in [int(p) for p in args.prototypes.split(",")]:
+                for t in scales:
+                    configs[f"{pool} P={p}" + (f" T×{t:g}" if len(scales) > 1 else "") + at_k] = (pool, p, t, k)
     sizes = [int(s) for s in args.sizes.split(",")]
     res = {m: run(f, args.phase, m, configs, args.train_groups, args.test_groups, args.seed) for m in sizes}
     bx, _, qx, _ = split_views(f, args.phase, args.seed)

@@ -20,7 +20,7 @@ from dn2_jax.cleaning import (
     estimate_contamination,
 )
 from dn2_jax.errors import DN2Error
-from dn2_jax.knn import clean, keep_lowest, self_knn_score
+from dn2_jax.knn import clean, keep_lowest, knn_score, self_knn_score
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sharding import _env  # noqa: E402
@@ -191,5 +191,27 @@ def test_default_leave_one_out_k_is_a_share_of_the_bank():
         seen.append((len(rows), k))
         return np.asarray(self_knn_score(rows, k))
 
-    res = clean_bank(x, "fixed", self_score=scorer)  # the default rule: one round, drops 50%, k = 10% of 200
-    assert seen == [(200, 20)] and len(res.keep) == 100
+    res = clean_bank(x, "fixed", self_score=scorer)  # the default rule: one round, k = 10% of 200
+    assert seen == [(200, 20)] and len(res.keep) == 200 - int(np.floor(fixed.fraction * 200))
+
+
+def test_detector_scores_with_the_rules_share_of_its_cleaned_bank_unless_given_a_k(tmp_path):
+    from dn2_jax.cleaning import PAPER_K, resolve_rule
+    from dn2_jax.detector import Detector, DetectorConfig
+
+    assert DetectorConfig().score_k() == PAPER_K and DetectorConfig(clean="paper").score_k() == PAPER_K
+    with pytest.raises(DN2Error, match="depends on the bank size"):
+        DetectorConfig(clean="fixed").score_k()  # resolved from the bank the detector keeps
+    assert DetectorConfig(clean="fixed", k=7).score_k() == 7
+    x = np.random.default_rng(3).normal(size=(1200, 6)).astype(np.float32)
+    det = Detector(backbone="pixels", clean="fixed", normalize=False).fit_features(x)
+    k = resolve_rule("fixed").score_k_for(det.bank_size)
+    assert det.bank_size == 1200 - int(np.floor(resolve_rule("fixed").fraction * 1200)) and det.k == k == 4
+    np.testing.assert_allclose(det.calibration_scores, self_knn_score(det.bank, k), rtol=1e-5)
+    np.testing.assert_allclose(det.score_features(x[:5]), knn_score(x[:5], det.bank, k), rtol=1e-5)
+    det.save(tmp_path / "det")
+    again = Detector.load(tmp_path / "det")
+    assert again.k == k and again.config.k is None
+    np.testing.assert_array_equal(again.calibration_scores, det.calibration_scores)
+    given = Detector(backbone="pixels", clean="fixed", normalize=False, k=2).fit_features(x)
+    assert given.k == 2

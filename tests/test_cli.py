@@ -303,9 +303,14 @@ def test_eval_on_a_small_folder_of_mixed_sizes_adapts_the_quick_subsample_and_re
         (["eval", "--mode", "group", "--clean-k", "3"], "--clean-k applies to --mode unsupervised"),
         (["eval", "--mode", "group", "--group-pool", "median"], "invalid choice: 'median'"),
         (["eval", "--mode", "group", "--group-pool", "mean", "--prototypes", "4"], "--prototypes applies to a"),
-        (["eval", "--mode", "group", "--prototypes", "0"], "prototypes must be >= 1"),
+        (["eval", "--mode", "group", "--group-pool", "hist", "--prototypes", "0"], "prototypes must be >= 1"),
+        (["eval", "--mode", "group", "--prototypes", "4"], "--prototypes applies to a --group-pool with 'hist', "
+                                                           "not --group-pool comp"),
+        (["eval", "--mode", "group", "--group-size", "7", "--classes", "0"], "group_pool 'comp' takes sets of "
+                                                                            "at most 6 images"),
         (["eval", "--mode", "unsupervised", "--prototypes", "4"], "--prototypes applies to --mode group"),
-        (["eval", "--mode", "group", "--classes", "0", "--train-groups", "3", "--prototypes", "50"],
+        (["eval", "--mode", "group", "--group-pool", "hist", "--classes", "0", "--train-groups", "3",
+          "--prototypes", "50"],
          "prototypes=50 is more than the 9 normal train images"),
     ],
 )

@@ -36,8 +36,8 @@ def images(n, size=8, seed=0):
 
 def test_config_fields_carry_help_and_defaults():
     cfg = DetectorConfig()
-    assert (cfg.backbone, cfg.k, cfg.normalize, cfg.clean, cfg.fpr, cfg.dtype) == (
-        "efficientnet_lite0", 2, True, "none", 0.05, "float32")
+    assert (cfg.backbone, cfg.k, cfg.score_k(), cfg.normalize, cfg.clean, cfg.fpr, cfg.dtype) == (
+        "efficientnet_lite0", None, 2, True, "none", 0.05, "float32")  # k None: the paper's 2 without cleaning
     for f in dataclasses.fields(DetectorConfig):
         assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], f.name
     assert DetectorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -135,6 +135,50 @@ def test_unsupervised_reports_chosen_paper_and_no_cleaning_against_faiss_and_skl
 
 
 @pytest.mark.slow
+def test_unsupervised_default_scores_with_the_rules_share_of_the_cleaned_bank():
+    from dn2_jax import cleaning
+
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    cfg = EvalConfig(backbone="pixels", mode="unsupervised", classes=(1,), bank_size=1100, test_size=300,
+                     contamination=0.1)  # default rule and k
+    res, (r,) = evaluate(cfg, printer=None)
+    b = protocols.contaminated_bank(train.labels, 1, 0.1, bank_size=1100, n_classes=10, seed=0)
+    t = protocols.one_class(train.labels, test.labels, 1, test_size=300, bank_size=1, n_classes=10, seed=0)
+    bank, queries = _pixels(train, b.bank), _pixels(test, t.test)
+    settings = cleaning.resolve_rule(cleaning.DEFAULT_CLEAN)
+    kept = cleaning.clean_bank(bank, cleaning.DEFAULT_CLEAN).keep
+    k = settings.score_k_for(len(kept))
+    assert k == max(2, round(settings.score_share * len(kept))) > 2  # 715 kept rows: k = 4
+    assert res["extra"]["k"]["mean"] == k and res["k"] is None
+    assert r.auc == pytest.approx(roc_auc_score(t.test_anomaly, _faiss_scores(bank[kept], queries, k)), abs=1e-6)
+    # the paper's column keeps the paper's k = 2
+    paper = np.asarray(cleaning.clean_bank(bank, "paper").keep)
+    assert res["extra"]["auc_paper_cleaning"]["mean"] == pytest.approx(
+        roc_auc_score(t.test_anomaly, _faiss_scores(bank[paper], queries, 2)), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_group_comp_pool_is_fitted_on_normal_train_sets_and_scores_with_a_share_of_them():
+    from dn2_jax.pooling import fit_set_pool
+
+    train, test = load_dataset("fashion_mnist", "train"), load_dataset("fashion_mnist", "test")
+    cfg = EvalConfig(backbone="pixels", mode="group", classes=(5,), group_size=3, train_groups=100, test_groups=40,
+                     group_pool="comp", seed=2)
+    res, (r,) = evaluate(cfg, printer=None)
+    train_sets, groups = protocols.train_test_groups(train.labels, test.labels, [5, 6, 7], 100, 20, 20, seed=7)
+    images = np.unique(train_sets)
+    tr, te = _pixels(train, images), _pixels(test, groups.sets)
+    tr_sets = np.searchsorted(images, train_sets)
+    pool = fit_set_pool(tr, "comp", sets=tr_sets, seed=2)
+    flat_te = te.reshape(-1, te.shape[-1])
+    k = pool.score_k(100)
+    scores = _faiss_scores(np.asarray(pool(tr, tr_sets)), np.asarray(pool(flat_te, np.arange(len(flat_te)).reshape(
+        groups.sets.shape))), k)
+    assert k == 5 and res["extra"]["k"]["mean"] == 5
+    assert r.auc == pytest.approx(roc_auc_score(groups.anomaly, scores), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_group_pool_is_fitted_on_normal_train_images_and_reported_beside_mean_and_pointwise():
     from dn2_jax.pooling import fit_set_pool
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
 
 from dn2_jax.errors import DN2Error
 from dn2_jax.knn import pool_groups
-from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS, SetPool, fit_set_pool, kmeans
+from dn2_jax.pooling import (
+    DEFAULT_POOL,
+    MAX_COMP_SET,
+    SET_POOLS,
+    SetPool,
+    composition_probs,
+    compositions,
+    fit_set_pool,
+    kmeans,
+)
 
 
 def _data(n: int = 60, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -26,7 +37,7 @@ def test_permutation_invariance_on_random_sets(pool):
     x = _data()
     rng = np.random.default_rng(1)
     groups = np.stack([rng.choice(len(x), 5, replace=False) for _ in range(11)])
-    sp = fit_set_pool(x, pool, prototypes=4)
+    sp = fit_set_pool(x, pool, prototypes=4, sets=groups)  # 'comp' is fitted on sets; the others ignore them
     ref = np.asarray(sp(x, groups))
     assert ref.dtype == np.float32 and ref.shape[0] == 11 and np.isfinite(ref).all()
     for _ in range(3):
@@ -46,9 +57,10 @@ def test_mean_pool_equals_the_papers():
 def test_output_dimensions_and_concatenation_parts_are_unit_norm():
     x = _data(d=6)
     groups = np.arange(12).reshape(4, 3)
-    dims = {"mean": 6, "std": 6, "max": 6, "hist": 5, "mean+hist": 11, "mean+std": 12, "mean+hist+std": 17}
+    dims = {"mean": 6, "std": 6, "max": 6, "hist": 5, "mean+hist": 11, "mean+std": 12, "mean+hist+std": 17,
+            "comp": 10}
     for pool, dim in dims.items():
-        assert fit_set_pool(x, pool, prototypes=5)(x, groups).shape == (4, dim), pool
+        assert fit_set_pool(x, pool, prototypes=5, sets=groups)(x, groups).shape == (4, dim), pool
     out = np.asarray(fit_set_pool(x, "mean+hist", prototypes=5)(x, groups))
     np.testing.assert_allclose(np.linalg.norm(out[:, :6], axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out[:, 6:], axis=1), 1.0, rtol=1e-5)
@@ -112,3 +124,70 @@ def test_bad_input_raises():
         sp(x, np.array([0, 1]))
     with pytest.raises(DN2Error, match="NaN"):
         fit_set_pool(np.full((4, 2), np.nan, np.float32), "mean")
+
+
+def test_composition_probabilities_equal_enumerating_every_labelling():
+    rng = np.random.default_rng(5)
+    for m, p in ((3, 3), (4, 2), (2, 4)):
+        post = rng.dirichlet(np.ones(p), size=(6, m)).astype(np.float32)
+        comps = compositions(m, p)
+        assert len(comps) == len(set(comps)) and all(sum(c) == m for c in comps)
+        want = np.zeros((6, len(comps)))
+        for labels in itertools.product(range(p), repeat=m):  # every way to label the m images
+            want[:, comps.index(tuple(np.bincount(labels, minlength=p)))] += np.prod(
+                post[:, np.arange(m), list(labels)], axis=1)
+        got = np.asarray(composition_probs(post))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
+
+
+def _kinds_data(seed: int = 6, n: int = 40):
+    """Three kinds, 12-d, tight clusters; normal sets hold one image of each kind, in random order."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 12)) * 4
+    x = np.concatenate([c + rng.normal(size=(n, 12)) for c in centres]).astype(np.float32)
+    kind = np.repeat(np.arange(3), n)
+    sets = np.stack([rng.permutation(np.flatnonzero(kind == j)) for j in range(3)], 1)
+    return x, kind, np.stack([rng.permutation(s) for s in sets])
+
+
+def test_composition_pool_learns_the_kinds_of_normal_sets_and_sees_a_doubled_kind():
+    x, kind, sets = _kinds_data()
+    sp = fit_set_pool(x, "comp", sets=sets, seed=0)
+    post = np.asarray(sp.assignments(x))
+    np.testing.assert_allclose(post.sum(1), 1.0, rtol=1e-5)
+    found = post.argmax(1)
+    assert all(len(set(found[kind == j])) == 1 for j in range(3)) and len(set(found)) == 3  # kinds = clusters
+    one_each = compositions(3, 3).index((1, 1, 1))
+    normal = np.asarray(sp(x, sets))
+    assert normal.shape == (len(sets), 10) and (normal[:, one_each] > 0.99).all()
+    doubled = np.stack([np.flatnonzero(kind == 0)[:5], np.flatnonzero(kind == 0)[5:10],
+                        np.flatnonzero(kind == 2)[:5]], 1)  # kind 0 twice, kind 1 missing
+    assert (np.asarray(sp(x, doubled))[:, one_each] < 0.01).all()
+    assert sp.score_k(1000) == 50 and sp.score_k(40) == 2 and sp.score_k(3) == 2
+    assert fit_set_pool(x, "hist", prototypes=3).score_k(1000) == 2
+
+
+def test_composition_pool_is_deterministic_for_a_seed():
+    x, _, sets = _kinds_data(seed=7)
+    a, b = (fit_set_pool(x, "comp", sets=sets, seed=3) for _ in range(2))
+    np.testing.assert_array_equal(np.asarray(a.coef), np.asarray(b.coef))
+    np.testing.assert_array_equal(np.asarray(a(x, sets)), np.asarray(b(x, sets)))
+
+
+def test_composition_pool_bad_input_raises():
+    x, _, sets = _kinds_data()
+    with pytest.raises(DN2Error, match="pass sets"):
+        fit_set_pool(x, "comp")
+    too_big = np.arange(7 * 10).reshape(10, 7)
+    with pytest.raises(DN2Error, match=f"2 to {MAX_COMP_SET} images"):
+        fit_set_pool(x, "comp", sets=too_big)
+    with pytest.raises(DN2Error, match="sets index"):
+        fit_set_pool(x, "comp", sets=sets + len(x))
+    with pytest.raises(DN2Error, match="at least 2 normal train sets"):
+        fit_set_pool(x, "comp", sets=sets[:1])
+    with pytest.raises(DN2Error, match="sets must be"):
+        fit_set_pool(x, "comp", sets=sets.astype(np.float32))
+    sp = fit_set_pool(x, "comp", sets=sets)
+    with pytest.raises(DN2Error, match="sets of 3 images, got sets of 2"):
+        sp(x, sets[:, :2])

@@ -81,7 +81,7 @@ def run_adapted(cfg: EvalConfig, train, test, splits: dict, extract: FeatureExtr
 
             def auc_of(bank_f: np.ndarray, test_f: np.ndarray, labels=labels) -> float:
                 bank_f, test_f = _features(cfg, bank_f), _features(cfg, test_f)
-                return float(roc_auc(knn_score(test_f, bank_f, k=cfg.k), labels))
+                return float(roc_auc(knn_score(test_f, bank_f, k=cfg.knn_k), labels))
 
             def on_epoch(epoch, variables, bank_images=bank_images, test_images=test_images, auc_of=auc_of):
                 p, s = variables["params"], variables["batch_stats"]

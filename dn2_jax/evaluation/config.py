@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from dn2_jax.cleaning import CLEAN_RULES, DEFAULT_CLEAN
+from dn2_jax.cleaning import CLEAN_RULES, DEFAULT_CLEAN, PAPER_K
 from dn2_jax.detector import LEVELS, PATCH_OPTIONS, DetectorConfig
 from dn2_jax.errors import DN2Error
 from dn2_jax.patch import REDUCTIONS
-from dn2_jax.pooling import DEFAULT_POOL, SET_POOLS
+from dn2_jax.pooling import DEFAULT_POOL, MAX_COMP_SET, SET_POOLS
 
 MODES = ("semi", "unsupervised", "group")
 PIXELS = "pixels"  # raw-pixel baseline: the image itself, flattened, in [0, 1], through the same kNN path.
@@ -40,7 +40,9 @@ class EvalConfig:
     weights: str | None = _field(None, "torchvision .pth/.safetensors or a `dn2 convert` output (ResNets)")
     mode: str = _field("semi", "semi (one-class, default), unsupervised (contaminated bank, cleaned) or group "
                        "(sets of images)", choices=MODES)
-    k: int = _field(2, "neighbours averaged in the DN2 score")
+    k: int | None = _field(None, "neighbours averaged in the DN2 score (default: 2, the paper's; unsupervised with "
+                           "--clean fixed: a share of the cleaned bank, see --clean; group with --group-pool comp: "
+                           "a share of the normal train sets)")
     classes: tuple[int, ...] | None = _field(None, "normal classes to evaluate, e.g. 0,3,7 (default: all)")
     bank_size: int | None = _field(None, "train images per class in the bank (default: all)",
                                    ("semi", "unsupervised"))
@@ -60,8 +62,9 @@ class EvalConfig:
     clean_rounds: int | None = _field(None, "rounds of cleaning (default: the rule's)", ("unsupervised",))
     group_pool: str = _field(DEFAULT_POOL, f"orderless pooling of a set's image features: {', '.join(SET_POOLS)} "
                              "('mean' = the paper's; hist = soft histogram over k-means prototypes of the normal "
-                             "train images); results.json also holds the mean pool's and the pointwise AUC",
-                             ("group",), choices=SET_POOLS)
+                             "train images; comp = distribution over compositions of kinds fitted on the normal "
+                             "train sets, taking a normal set's images to be of distinct kinds); results.json also "
+                             "holds the mean pool's and the pointwise AUC", ("group",), choices=SET_POOLS)
     prototypes: int = _field(8, "k-means prototypes of the 'hist' pool (fitted on the normal train images only)",
                              ("group",))
     group_size: int = _field(3, "images per set (M)", ("group",))
@@ -90,6 +93,12 @@ class EvalConfig:
     coreset: float | None = _field(None, _detector_help("coreset"), ("semi",))
     reduce: str | None = _field(None, _detector_help("reduce"), ("semi",), choices=REDUCTIONS)
     sigma: float | None = _field(None, _detector_help("sigma"), ("semi",))
+
+    @property
+    def knn_k(self) -> int:
+        """The k of scores made without a cleaning rule (one-class, group, adapted): --k, else the paper's 2.
+        Unsupervised runs score through detectors, which resolve k per cleaning rule (`DetectorConfig.k`)."""
+        return PAPER_K if self.k is None else int(self.k)
 
     def clean_config(self, rule: str | None = None) -> dict:
         """The detector settings of cleaning rule `rule` (default: this run's) with this run's options."""
@@ -128,7 +137,7 @@ def validate_config(cfg: EvalConfig) -> None:
 
         get_backbone(cfg.backbone)  # unknown name -> DN2Error listing the known ones
     for name in ("k", "batch_size", "group_size", "train_groups", "test_groups"):
-        if int(getattr(cfg, name)) < 1:
+        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
             raise DN2Error(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("bank_size", "test_size", "input_size"):
         value = getattr(cfg, name)
@@ -146,6 +155,9 @@ def validate_config(cfg: EvalConfig) -> None:
             raise DN2Error(f"prototypes only apply to a pool with 'hist', not group_pool={cfg.group_pool!r}")
     if cfg.mode == "group" and cfg.group_size < 2:
         raise DN2Error(f"group_size must be >= 2, got {cfg.group_size}")
+    if cfg.mode == "group" and cfg.group_pool == "comp" and cfg.group_size > MAX_COMP_SET:
+        raise DN2Error(f"group_pool 'comp' takes sets of at most {MAX_COMP_SET} images (its fit tries every way "
+                       f"to give a set's images distinct kinds), got group_size={cfg.group_size}")
     if cfg.adapt is not None:
         from dn2_jax.evaluation.adapted import adapt_config
 

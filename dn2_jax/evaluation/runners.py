@@ -135,13 +135,13 @@ def _sharded_score(cfg: EvalConfig, bank_share: np.ndarray, queries: np.ndarray)
     from dn2_jax.sharding import shard_bank, sharded_knn_score
 
     prepare = (lambda x: np.asarray(l2_normalize(x), np.float32)) if cfg.normalize else (lambda x: x)
-    return np.asarray(sharded_knn_score(prepare(queries), shard_bank(prepare(bank_share)), cfg.k), np.float64)
+    return np.asarray(sharded_knn_score(prepare(queries), shard_bank(prepare(bank_share)), cfg.knn_k), np.float64)
 
 
 def _run_semi(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
     splits = one_class_splits(cfg, train, test, classes)
     for c, split in splits.items():
-        _check_k_fits(cfg.k, len(split.bank), f"of class '{c}'")
+        _check_k_fits(cfg.knn_k, len(split.bank), f"of class '{c}'")
     if distributed.process_count() > 1 and min(len(s.bank) for s in splits.values()) >= distributed.process_count():
         # Each process embeds its share of every bank; queries are gathered, banks are sharded.
         shares = {c: distributed.share(s.bank) for c, s in splits.items()}
@@ -174,7 +174,7 @@ def _run_unsupervised(cfg, train, test, classes, extract, log) -> Iterator[Class
     rules = {"none": {"clean": "none"}, "paper": cfg.clean_config("paper"), "chosen": cfg.clean_config()}
     for c, b in banks.items():
         n, name = len(b.bank), train.class_names[c]
-        _check_k_fits(cfg.k, n, f"of class '{name}'")
+        _check_k_fits(cfg.knn_k, n, f"of class '{name}'")
         for settings in (rules["paper"], rules["chosen"]):
             _check_cleaning_fits(cfg.k, n, settings, name)
     train_of = _embedder(extract, log, train, [b.bank for b in banks.values()])
@@ -189,15 +189,16 @@ def _run_unsupervised(cfg, train, test, classes, extract, log) -> Iterator[Class
                  "contaminants": left["none"], "contaminants_after_paper_cleaning": left["paper"],
                  "contaminants_after_cleaning": left["chosen"], "bank_after_cleaning": dets["chosen"].bank_size,
                  "contamination": float(b.contaminant.mean())}
+        extra["k"] = dets["chosen"].k
         if dets["chosen"].contamination is not None:
             extra["contamination_estimated"] = dets["chosen"].contamination
         scores = np.asarray(dets["chosen"].score_features(queries), np.float64)
         yield ClassResult(train.class_names[c], aucs["chosen"], scores, t.test_anomaly, n, extra)
 
 
-def _check_cleaning_fits(k: int, n: int, settings: dict, name: str) -> None:
+def _check_cleaning_fits(k: int | None, n: int, settings: dict, name: str) -> None:
     """Before any embedding: the cleaning rule `settings` (detector settings) can clean a bank of `n` images
-    of class `name` and leave k + 1."""
+    of class `name` and leave k + 1 (k None: the rule's score k of what it keeps)."""
     if settings["clean"] == "none":
         return
     rule = resolve_rule(settings["clean"], loo_k=settings.get("clean_k"), fraction=settings.get("clean_fraction"),
@@ -209,14 +210,15 @@ def _check_cleaning_fits(k: int, n: int, settings: dict, name: str) -> None:
     if rule.rule == "adaptive" and n < MIN_ESTIMATE_ROWS:
         raise DN2Error(f"the 'adaptive' cleaning estimates the contamination, which needs a bank of at least "
                        f"{MIN_ESTIMATE_ROWS} images; class '{name}' has {n}: raise --bank-size")
-    _check_k_fits(k, n - int(np.floor(rule.fraction * n)), f"left of class '{name}' after {what} cleaning")
+    kept = n - int(np.floor(rule.fraction * n))
+    _check_k_fits(rule.score_k_for(kept) if k is None else k, kept, f"left of class '{name}' after {what} cleaning")
 
 
 def _run_group(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]:
     n_classes = len(train.class_names)
     if cfg.group_size > n_classes:
         raise DN2Error(f"group_size={cfg.group_size} exceeds the {n_classes} classes of {cfg.dataset}")
-    _check_k_fits(cfg.k, cfg.train_groups, "of normal train sets")
+    _check_k_fits(cfg.knn_k, cfg.train_groups, "of normal train sets")
     n_norm = cfg.test_groups // 2
     configs = {}
     for c in classes:
@@ -238,16 +240,19 @@ def _run_group(cfg, train, test, classes, extract, log) -> Iterator[ClassResult]
         train_images, test_images = np.unique(train_sets), np.unique(groups.sets)
         tr, te = train_of(train_images), test_of(test_images)  # (n, D) (normalised) image features
         tr_sets, te_sets = np.searchsorted(train_images, train_sets), np.searchsorted(test_images, groups.sets)
-        aucs, scores = {}, None
+        aucs, scores, ks = {}, None, {}
         for name in dict.fromkeys((cfg.group_pool, "mean")):
-            # The pool is fitted on the normal train images only (the bank's); set features are scored as they are.
-            pool = fit_set_pool(tr, name, prototypes=cfg.prototypes, seed=cfg.seed)
-            pooled = _score(cfg, np.asarray(pool(tr, tr_sets)), np.asarray(pool(te, te_sets)), normalize=False)
+            # The pool is fitted on the normal train images (and sets) only; set features are scored as they are.
+            pool = fit_set_pool(tr, name, prototypes=cfg.prototypes, seed=cfg.seed, sets=tr_sets)
+            ks[name] = pool.score_k(len(tr_sets)) if cfg.k is None else cfg.k
+            pooled = _score(cfg, np.asarray(pool(tr, tr_sets)), np.asarray(pool(te, te_sets)), normalize=False,
+                            k=ks[name])
             aucs[name] = _auc(pooled, groups.anomaly)
             scores = pooled if scores is None else scores
         # Pointwise baseline: each test image against the individual train images, averaged over the set.
         flat = _score(cfg, tr, te, normalize=False)[te_sets]
-        extra = {"auc_mean_pool": aucs["mean"], "auc_pointwise": _auc(flat.mean(1), groups.anomaly)}
+        extra = {"auc_mean_pool": aucs["mean"], "auc_pointwise": _auc(flat.mean(1), groups.anomaly),
+                 "k": ks[cfg.group_pool]}
         name = "+".join(train.class_names[g] for g in group_classes)
         yield ClassResult(name, aucs[cfg.group_pool], scores, groups.anomaly, len(train_sets), extra)
 
@@ -257,7 +262,7 @@ def _run_adapted(cfg, train, test, classes, extract, log) -> Iterator[ClassResul
 
     splits = one_class_splits(cfg, train, test, classes)
     for c, split in splits.items():
-        _check_k_fits(cfg.k, len(split.bank), f"of class '{c}'")
+        _check_k_fits(cfg.knn_k, len(split.bank), f"of class '{c}'")
     yield from run_adapted(cfg, train, test, splits, extract, log)
 
 
@@ -293,7 +298,9 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
     t0 = time.perf_counter()
     extract = extractor or FeatureExtractor.from_config(cfg, cache_dir=cfg.cache_dir)
     log.timing("load_s", time.perf_counter() - t0)
-    log.print(f"DN2 {cfg.mode} on {cfg.dataset} with {cfg.backbone}, k={cfg.k}")
+    k = cfg.knn_k if cfg.k is not None or cfg.mode == "semi" else {"unsupervised": "the cleaning rule's",
+                                                                    "group": "the pool's"}[cfg.mode]
+    log.print(f"DN2 {cfg.mode} on {cfg.dataset} with {cfg.backbone}, k={k}")
     # Runners validate, embed (timed as embed_s) and then yield one result per class as it is scored.
     results, t0, embed_before = [], time.perf_counter(), log.timings.get("embed_s", 0.0)
     runner = _run_adapted if cfg.adapt is not None else _run_patch if cfg.level == "patch" else RUNNERS[cfg.mode]
@@ -302,7 +309,10 @@ def evaluate(cfg: EvalConfig, printer: Callable[[str], None] | None = print, *,
         results.append(res)
     log.timing("score_s", time.perf_counter() - t0 - (log.timings.get("embed_s", 0.0) - embed_before))
     log.timing("total_s", time.perf_counter() - t_start)
-    out = results_dict(dataclasses.asdict(cfg), results, log.timings)
+    settings = dataclasses.asdict(cfg)
+    if cfg.mode == "semi":
+        settings["k"] = cfg.knn_k  # unsupervised and group: the k each class scored with is in extra.k
+    out = results_dict(settings, results, log.timings)
     out["skipped_images"] = [{"split": ds.split, "path": path, "reason": reason}
                              for ds in (train, test) for path, reason in ds.skipped]
     log.print(f"  {'mean':<32} ROC-AUC {100 * out['mean']:6.2f}")
