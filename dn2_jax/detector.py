@@ -612,15 +612,12 @@ class Detector:
             raise DN2Error(f"k={k} needs a bank of at least {k + 1} images (k neighbours for the leave-one-out "
                            f"calibration), got {n}")
         kept, contamination = self._clean(features)
-        k = self._resolve_k(len(kept))
+        k = self.config.score_k(len(kept))
         if k > len(kept) - 1:
             raise DN2Error(f"k={k} needs at least {k + 1} bank images after cleaning, but cleaning kept "
                            f"{len(kept)} of {n}; lower k or clean_fraction, or fit more images")
         self._install(features, ids, paths, kept, None)
         self._contamination = contamination
-
-    def _resolve_k(self, n_kept: int) -> int:
-        return self.config.score_k(n_kept)
 
     @property
     def k(self) -> int:
@@ -637,7 +634,7 @@ class Detector:
         bank = jnp.asarray(features[kept])
         norms = knn.squared_norms(bank)
         if calibration is None:
-            k = self._resolve_k(len(kept))
+            k = self.config.score_k(len(kept))
             calibration = np.asarray(knn.self_knn_score(bank, k, bank_sq_norms=norms), np.float32)
         self._features, self._ids, self._paths, self._kept = features, ids, paths, np.asarray(kept, np.int64)
         self._calibration = np.asarray(calibration, np.float32)
@@ -819,7 +816,7 @@ class Detector:
                 or len(kept) != manifest["bank_size"] or (paths is not None and len(paths) != len(features))
                 or np.any(kept < 0) or np.any(kept >= len(features))):
             raise DN2FileError(f"detector '{path}' is damaged: its bank, calibration and {MANIFEST} disagree")
-        k = det._resolve_k(len(kept))
+        k = det.config.score_k(len(kept))
         if k > len(kept) - 1:
             raise DN2Error(f"k={k} needs a bank of at least {k + 1} images, this detector's has {len(kept)}")
         det._install(features, ids, paths, kept, calibration if det.config.k == saved_config.k else None)
